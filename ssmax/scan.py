@@ -1,0 +1,229 @@
+"""The selective scan (Mamba's S6): one public function, several backends, one set of semantics.
+
+For each batch element, channel d and state index n (Mamba paper, Algorithm 2; the reference
+implementation's ``selective_scan_ref``)::
+
+    Δ_t    = softplus(delta_t + delta_bias)          (bias and softplus optional)
+    h_t    = exp(Δ_t A) * h_{t-1} + Δ_t B_t u_t      (h_{-1} = initial_state, default 0)
+    y_t    = Re(C_t · h_t) + D u_t                   (2 Re(...) when A is complex, as the reference)
+    y_t   *= SiLU(z_t)                               (gate optional)
+
+Everything inside runs in float32 (complex64 for complex A); ``y`` comes back in ``u.dtype`` and the
+last state in float32 (complex64).
+
+Backends:
+  * ``"sequential"``: ``lax.scan`` over time, state ``(batch, channels, state)`` in the carry.
+  * ``"associative"``: ``lax.associative_scan`` over ``(exp(ΔA), ΔBu)`` pairs; materialises
+    ``(batch, length, channels, state)``, O(log length) depth.
+  * ``"pallas"``: the fused kernel of :mod:`ssmax.pallas` (interpret mode off the GPU).
+  * ``"auto"``: ``"pallas"`` on a GPU when the kernel takes the inputs, else ``"associative"``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ssmax import _checks
+
+BACKENDS = ("auto", "sequential", "associative", "pallas")
+
+
+class ScanInputs(NamedTuple):
+  """Checked, canonical inputs: B and C always grouped ``(batch, length, groups, state)``."""
+
+  u: jax.Array  # (batch, length, channels)
+  delta: jax.Array  # (batch, length, channels)
+  A: jax.Array  # (channels, state)
+  B: jax.Array  # (batch, length, groups_b, state)
+  C: jax.Array  # (batch, length, groups_c, state)
+  D: jax.Array | None  # (channels,)
+  z: jax.Array | None  # (batch, length, channels)
+  delta_bias: jax.Array | None  # (channels,)
+  initial_state: jax.Array | None  # (batch, channels, state)
+  delta_softplus: bool
+
+
+def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                 initial_state=None) -> ScanInputs:
+  """Checks shapes and dtypes at trace time and returns canonical :class:`ScanInputs`."""
+  _checks.rank("u", u, 3, "(batch, length, channels)")
+  _checks.floating("u", u)
+  b, l, d = _checks.shape_of(u)
+  if l < 1:
+    raise ValueError(f"u must have length >= 1 along axis 1; got shape {(b, l, d)}")
+  _checks.shape("delta", delta, (b, l, d), "(batch, length, channels), like u")
+  _checks.floating("delta", delta)
+  _checks.rank("A", A, 2, "(channels, state)")
+  _checks.floating("A", A, allow_complex=True)
+  if _checks.shape_of(A)[0] != d:
+    raise ValueError(f"A must have shape ({d}, state) to match u's {d} channels; got {_checks.shape_of(A)}")
+  n = _checks.shape_of(A)[1]
+  grouped = []
+  for name, x in (("B", B), ("C", C)):
+    r = _checks.rank(name, x, (3, 4), "(batch, length, state) or (batch, length, groups, state)")
+    _checks.floating(name, x, allow_complex=True)
+    if r == 3:
+      _checks.shape(name, x, (b, l, n), "(batch, length, state)")
+      x = x[:, :, None, :]
+    else:
+      _checks.shape(name, x, (b, l, None, n), "(batch, length, groups, state)")
+      g = _checks.shape_of(x)[2]
+      if g < 1 or d % g:
+        raise ValueError(f"{name} has {g} groups, which must divide the {d} channels; got shape {_checks.shape_of(x)}")
+    grouped.append(x)
+  B, C = grouped
+  if D is not None:
+    _checks.shape("D", D, (d,), "(channels,)")
+    _checks.floating("D", D)
+  if z is not None:
+    _checks.shape("z", z, (b, l, d), "(batch, length, channels), like u")
+    _checks.floating("z", z)
+  if delta_bias is not None:
+    _checks.shape("delta_bias", delta_bias, (d,), "(channels,)")
+    _checks.floating("delta_bias", delta_bias)
+  if initial_state is not None:
+    _checks.shape("initial_state", initial_state, (b, d, n), "(batch, channels, state)")
+    _checks.floating("initial_state", initial_state, allow_complex=True)
+  if not isinstance(delta_softplus, bool):
+    raise ValueError(f"delta_softplus must be a Python bool; got {delta_softplus!r}")
+  return ScanInputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_last_state=False, backend="auto"):
+  """Selective scan with the semantics of Mamba's ``selective_scan_ref``, batch-major layout.
+
+  Args:
+    u: ``(batch, length, channels)`` input, float32/bfloat16/float16; ``length >= 1``.
+    delta: ``(batch, length, channels)`` step sizes Δ before bias and softplus.
+    A: ``(channels, state)`` continuous-time diagonal transition, float32 or complex64.
+    B: ``(batch, length, state)`` or ``(batch, length, groups, state)``; groups divide the channels
+      contiguously (channel ``c`` reads group ``c // (channels // groups)``).
+    C: like ``B`` (its own group count).
+    D: optional ``(channels,)`` skip connection.
+    z: optional ``(batch, length, channels)`` gate; ``y *= SiLU(z)``.
+    delta_bias: optional ``(channels,)`` added to ``delta`` before the softplus.
+    delta_softplus: apply ``softplus`` to ``delta + delta_bias``.
+    initial_state: optional ``(batch, channels, state)`` state before the first step.
+    return_last_state: also return the state after the last step.
+    backend: one of ``"auto"``, ``"sequential"``, ``"associative"``, ``"pallas"``.
+
+  Returns:
+    ``y`` of shape ``(batch, length, channels)`` in ``u.dtype``; with ``return_last_state`` the pair
+    ``(y, last_state)`` with ``last_state`` ``(batch, channels, state)`` in float32 (complex64 when
+    ``A`` is complex).
+
+  Raises:
+    ValueError: on a bad shape, dtype, group count or backend, naming the argument.
+  """
+  _checks.one_of("backend", backend, BACKENDS)
+  x = check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+  backend = resolve_backend(backend, x)
+  if backend == "sequential":
+    y, last = _sequential(x)
+  elif backend == "associative":
+    y, last = _associative(x)
+  else:
+    from ssmax import pallas as ssmax_pallas  # the kernels layer; imported only when used
+
+    y, last = ssmax_pallas.selective_scan(
+        x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias, x.initial_state,
+        delta_softplus=x.delta_softplus, interpret=jax.default_backend() != "gpu")
+  y = y.astype(x.u.dtype)
+  return (y, last) if return_last_state else y
+
+
+def resolve_backend(backend: str, x: ScanInputs) -> str:
+  """Maps ``"auto"`` to a concrete backend; checks that ``"pallas"`` can take ``x``."""
+  if backend in ("sequential", "associative"):
+    return backend
+  from ssmax import pallas as ssmax_pallas
+
+  reason = ssmax_pallas.unsupported_reason(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias,
+                                           x.initial_state)
+  if backend == "pallas":
+    if reason is not None:
+      raise ValueError(f'backend="pallas" cannot take these inputs: {reason}; use backend="auto" '
+                       'or "associative"')
+    return "pallas"
+  return "pallas" if reason is None and jax.default_backend() == "gpu" else "associative"
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces, float32 inside.
+
+
+def _compute_dtypes(x: ScanInputs):
+  cplx = jnp.issubdtype(x.A.dtype, jnp.complexfloating)
+  return (jnp.complex64 if cplx else jnp.float32), cplx
+
+
+def _delta(x: ScanInputs) -> jax.Array:
+  """Δ after bias and softplus, float32 ``(batch, length, channels)``."""
+  dt = x.delta.astype(jnp.float32)
+  if x.delta_bias is not None:
+    dt = dt + x.delta_bias.astype(jnp.float32)
+  return jax.nn.softplus(dt) if x.delta_softplus else dt
+
+
+def _expand_groups(m: jax.Array, channels: int) -> jax.Array:
+  """``(..., groups, state)`` -> ``(..., channels, state)``, groups split channels contiguously."""
+  return jnp.repeat(m, channels // m.shape[-2], axis=-2)
+
+
+def _finish(x: ScanInputs, y: jax.Array, cplx: bool) -> jax.Array:
+  """Real part (doubled for complex A, as the reference), D skip and SiLU gate, float32."""
+  if cplx:
+    y = 2.0 * jnp.real(y)
+  u = x.u.astype(jnp.float32)
+  if x.D is not None:
+    y = y + u * x.D.astype(jnp.float32)
+  if x.z is not None:
+    y = y * jax.nn.silu(x.z.astype(jnp.float32))
+  return y
+
+
+def _sequential(x: ScanInputs):
+  cdt, cplx = _compute_dtypes(x)
+  b, _, d = x.u.shape
+  A = x.A.astype(cdt)
+  dt = _delta(x)
+  u = x.u.astype(jnp.float32)
+  h0 = (jnp.zeros((b, d, A.shape[1]), cdt) if x.initial_state is None
+        else x.initial_state.astype(cdt))
+
+  def step(h, inputs):
+    dt_t, u_t, B_t, C_t = inputs  # (b, d), (b, d), (b, g, n), (b, g, n)
+    B_t = _expand_groups(B_t.astype(cdt), d)
+    C_t = _expand_groups(C_t.astype(cdt), d)
+    h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * B_t
+    return h, jnp.sum(h * C_t, axis=-1)
+
+  time_major = lambda a: jnp.moveaxis(a, 1, 0)
+  last, y = lax.scan(step, h0, (time_major(dt), time_major(u), time_major(x.B), time_major(x.C)))
+  return _finish(x, jnp.moveaxis(y, 0, 1), cplx), last
+
+
+def _associative(x: ScanInputs):
+  cdt, cplx = _compute_dtypes(x)
+  b, l, d = x.u.shape
+  A = x.A.astype(cdt)
+  dt = _delta(x)
+  u = x.u.astype(jnp.float32)
+  decay = jnp.exp(dt[..., None] * A)  # (b, l, d, n)
+  drive = (dt * u)[..., None] * _expand_groups(x.B.astype(cdt), d)
+  if x.initial_state is not None:
+    drive = drive.at[:, 0].add(decay[:, 0] * x.initial_state.astype(cdt))
+
+  def combine(left, right):
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_l * a_r, a_r * b_l + b_r
+
+  _, h = lax.associative_scan(combine, (decay, drive), axis=1)
+  y = jnp.sum(h * _expand_groups(x.C.astype(cdt), d), axis=-1)
+  return _finish(x, y, cplx), h[:, -1]
