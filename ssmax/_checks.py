@@ -36,7 +36,7 @@ def shape(name: str, x, expected: Sequence[int | None], what: str = "") -> None:
   got = shape_of(x)
   ok = len(got) == len(expected) and all(e is None or g == e for g, e in zip(got, expected))
   if not ok:
-    want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+    want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
     hint = f" {what}" if what else ""
     raise ValueError(f"{name} must have shape {want}{hint}; got {got}")
 
