@@ -17,6 +17,15 @@ Backends:
     ``(batch, length, channels, state)``, O(log length) depth.
   * ``"pallas"``: the fused kernel of :mod:`ssmax.pallas` (interpret mode off the GPU).
   * ``"auto"``: ``"pallas"`` on a GPU when the kernel takes the inputs, else ``"associative"``.
+
+Sequence parallelism (``sequence_axis="seq"``, inside ``jax.shard_map``): the length is split into
+contiguous shards along a mesh axis. The recurrence is linear in the state, so shard ``i`` can scan
+its piece from zero and add the contribution of the state ``h_in`` entering it afterwards::
+
+    y_t += Re(C_t · exp(A Σ_{s<=t} Δ_s) h_in) * SiLU(z_t)       (t local to the shard)
+
+``h_in`` comes from an exclusive scan over the shards of ``(exp(A ΣΔ), last state)`` pairs, which
+are gathered across the axis (one ``all_gather`` of ``(batch, channels, state)`` per shard).
 """
 
 from __future__ import annotations
@@ -94,7 +103,8 @@ def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_last_state=False, backend="auto"):
+                   initial_state=None, return_last_state=False, backend="auto",
+                   sequence_axis=None):
   """Selective scan with the semantics of Mamba's ``selective_scan_ref``, batch-major layout.
 
   Args:
@@ -111,6 +121,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     initial_state: optional ``(batch, channels, state)`` state before the first step.
     return_last_state: also return the state after the last step.
     backend: one of ``"auto"``, ``"sequential"``, ``"associative"``, ``"pallas"``.
+    sequence_axis: optional name of a mesh axis along which the length is sharded. Only valid
+      inside ``jax.shard_map`` (or another map) binding that axis: every argument with a length
+      axis is then this device's contiguous piece of it, in axis order, while ``A``, ``D``,
+      ``delta_bias`` and ``initial_state`` are the same on every shard of the axis. The result
+      is this device's piece of ``y`` and the last state of the whole sequence, identical on all
+      shards. See :func:`ssmax.parallel.selective_scan` for the version taking global arrays.
 
   Returns:
     ``y`` of shape ``(batch, length, channels)`` in ``u.dtype``; with ``return_last_state`` the pair
@@ -118,23 +134,32 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``A`` is complex).
 
   Raises:
-    ValueError: on a bad shape, dtype, group count or backend, naming the argument.
+    ValueError: on a bad shape, dtype, group count or backend, naming the argument; on a
+      ``sequence_axis`` that is not a string or not bound by an enclosing ``shard_map``.
   """
   _checks.one_of("backend", backend, BACKENDS)
   x = check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
   backend = resolve_backend(backend, x)
-  if backend == "sequential":
-    y, last = _sequential(x)
-  elif backend == "associative":
-    y, last = _associative(x)
+  if sequence_axis is None:
+    y, last = _run(backend, x)
   else:
-    from ssmax import pallas as ssmax_pallas  # the kernels layer; imported only when used
-
-    y, last = ssmax_pallas.selective_scan(
-        x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias, x.initial_state,
-        delta_softplus=x.delta_softplus, interpret=jax.default_backend() != "gpu")
+    _check_sequence_axis(sequence_axis)
+    y, last = _sequence_parallel(backend, x, sequence_axis)
   y = y.astype(x.u.dtype)
   return (y, last) if return_last_state else y
+
+
+def _run(backend: str, x: ScanInputs):
+  """One concrete backend on one device: ``y`` (float32 or u.dtype) and the last state."""
+  if backend == "sequential":
+    return _sequential(x)
+  if backend == "associative":
+    return _associative(x)
+  from ssmax import pallas as ssmax_pallas  # the kernels layer; imported only when used
+
+  return ssmax_pallas.selective_scan(
+      x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias, x.initial_state,
+      delta_softplus=x.delta_softplus, interpret=jax.default_backend() != "gpu")
 
 
 def resolve_backend(backend: str, x: ScanInputs) -> str:
@@ -193,8 +218,11 @@ def _sequential(x: ScanInputs):
   A = x.A.astype(cdt)
   dt = _delta(x)
   u = x.u.astype(jnp.float32)
-  h0 = (jnp.zeros((b, d, A.shape[1]), cdt) if x.initial_state is None
-        else x.initial_state.astype(cdt))
+  # Zeros typed like one step's update, so that under shard_map the scan carry varies over the
+  # same mesh axes as the inputs (zeros_like keeps that type; the step itself is never computed).
+  zeros = jnp.zeros_like(jnp.exp(dt[:, 0, :, None] * A) * (dt[:, 0] * u[:, 0])[..., None]
+                         * _expand_groups(x.B[:, 0].astype(cdt), d))
+  h0 = zeros if x.initial_state is None else x.initial_state.astype(cdt) + zeros
 
   def step(h, inputs):
     dt_t, u_t, B_t, C_t = inputs  # (b, d), (b, d), (b, g, n), (b, g, n)
@@ -227,3 +255,67 @@ def _associative(x: ScanInputs):
   _, h = lax.associative_scan(combine, (decay, drive), axis=1)
   y = jnp.sum(h * _expand_groups(x.C.astype(cdt), d), axis=-1)
   return _finish(x, y, cplx), h[:, -1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence parallelism: state passing between contiguous shards of the length.
+
+
+def _check_sequence_axis(axis) -> None:
+  if not isinstance(axis, str):
+    raise ValueError(f"sequence_axis must be a mesh axis name (str) or None; got {axis!r}")
+  try:
+    lax.axis_size(axis)
+  except NameError:
+    raise ValueError(
+        f"sequence_axis={axis!r} is not an axis bound here: call selective_scan(..., "
+        f"sequence_axis={axis!r}) inside jax.shard_map over a mesh with that axis, or use "
+        "ssmax.parallel.selective_scan with global arrays") from None
+
+
+def _sequence_parallel(backend: str, x: ScanInputs, axis: str):
+  """This shard's ``y`` (float32) and the global last state, for inputs sharded along ``axis``.
+
+  Rematerialised: the backward pass reruns the shard's scan and keeps only the inputs, since this
+  mode exists for sequences too long to hold more. (It also keeps zero-size intermediates of
+  ``lax.associative_scan`` from becoming residuals across ``shard_map``, which XLA's Shardy
+  partitioner in jax 0.11.2 crashes on.)
+  """
+  softplus = x.delta_softplus
+  body = lambda *arrays: _sequence_parallel_body(backend, ScanInputs(*arrays, softplus), axis)
+  return jax.checkpoint(body)(*x[:-1])
+
+
+def _sequence_parallel_body(backend: str, x: ScanInputs, axis: str):
+  cdt, cplx = _compute_dtypes(x)
+  b, l, d = x.u.shape
+  A = x.A.astype(cdt)
+  # 1. Scan the local piece from zero state; the backend keeps its own fusion of D and the gate.
+  y, h_local = _run(backend, x._replace(initial_state=None))
+  y = y.astype(jnp.float32)
+  h_local = h_local.astype(cdt)
+  # 2. Exclusive scan over shards of h_out = exp(A ΣΔ) h_in + h_local, h_in(0) = initial_state.
+  dt_cum = jnp.cumsum(_delta(x), axis=1)  # (b, l, d)
+  decay_total = jnp.exp(dt_cum[:, -1, :, None] * A)  # (b, d, n)
+  decays = lax.all_gather(decay_total, axis)  # (shards, b, d, n)
+  locals_ = lax.all_gather(h_local, axis)
+  h0 = (jnp.zeros_like(h_local) if x.initial_state is None
+        else x.initial_state.astype(cdt) + jnp.zeros_like(h_local))
+
+  def step(h_in, shard):
+    decay, h_shard = shard
+    return decay * h_in + h_shard, h_in
+
+  h_last, entering = lax.scan(step, h0, (decays, locals_))
+  h_in = entering[lax.axis_index(axis)]  # (b, d, n)
+  # Every shard computed the same h_last; selecting shard 0's through psum (adding exact zeros)
+  # makes it a value that is replicated along the axis as far as shard_map's checks can see.
+  h_last = lax.psum(jnp.where(lax.axis_index(axis) == 0, h_last, jnp.zeros_like(h_last)), axis)
+  # 3. Correction y_t += Re(C_t · exp(A cumΔ_t) h_in), gated like y; C grouped over channels.
+  g = x.C.shape[2]
+  carried = (jnp.exp(dt_cum[..., None] * A) * h_in[:, None]).reshape(b, l, g, d // g, -1)
+  corr = jnp.sum(carried * x.C.astype(cdt)[:, :, :, None, :], axis=-1).reshape(b, l, d)
+  corr = 2.0 * jnp.real(corr) if cplx else corr
+  if x.z is not None:
+    corr = corr * jax.nn.silu(x.z.astype(jnp.float32))
+  return y + corr, h_last
