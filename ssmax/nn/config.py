@@ -1,0 +1,120 @@
+"""The Mamba language model's configuration, with the defaults of the official ``MambaConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+from ssmax import _checks
+from ssmax.scan import BACKENDS
+
+SSM_KINDS = ("selective", "s4d")
+DT_INITS = ("random", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+  """Shape and initialisation of a :class:`~ssmax.nn.MambaLM`.
+
+  The defaults are the official ``mamba_ssm`` ones (``MambaConfig`` plus the ``Mamba`` mixer's
+  keyword defaults): the 2.8B model. The 130M model is ``MambaConfig(d_model=768, n_layer=24)``.
+
+  Attributes:
+    d_model: width of the residual stream.
+    n_layer: number of residual blocks.
+    vocab_size: tokenizer vocabulary; the embedding is padded up to ``padded_vocab_size``.
+    d_state: SSM state size N per channel.
+    d_conv: width of the depthwise causal convolution.
+    expand: inner width ``d_inner = expand * d_model``.
+    dt_rank: rank of the Δ projection; ``"auto"`` is ``ceil(d_model / 16)``.
+    dt_min, dt_max: Δ is initialised log-uniform in ``[dt_min, dt_max]``.
+    dt_init: ``"random"`` (uniform ``dt_proj`` weight in ``±dt_rank**-0.5 * dt_scale``) or
+      ``"constant"`` (the weight equal to that bound).
+    dt_scale: scale of the ``dt_proj`` weight init.
+    dt_init_floor: lower clamp of the sampled Δ.
+    conv_bias: bias in the depthwise convolution.
+    bias: bias in ``in_proj`` and ``out_proj``.
+    rms_norm: RMSNorm (True) or LayerNorm (False).
+    norm_epsilon: epsilon of the norms.
+    residual_in_fp32: keep the residual stream in float32 whatever ``dtype`` is.
+    pad_vocab_size_multiple: pad the vocabulary up to a multiple of this.
+    tie_embeddings: the LM head is the transposed embedding.
+    gated: multiply the SSM output by ``SiLU(z)``; False drops the ``z`` branch.
+    ssm: ``"selective"`` (Mamba's S6) or ``"s4d"`` (an LTI diagonal SSM, convolution mode).
+    scan_backend: backend handed to :func:`ssmax.selective_scan`.
+    dtype: compute dtype of activations.
+    param_dtype: dtype of the parameters.
+  """
+
+  d_model: int = 2560
+  n_layer: int = 64
+  vocab_size: int = 50277
+  d_state: int = 16
+  d_conv: int = 4
+  expand: int = 2
+  dt_rank: int | str = "auto"
+  dt_min: float = 0.001
+  dt_max: float = 0.1
+  dt_init: str = "random"
+  dt_scale: float = 1.0
+  dt_init_floor: float = 1e-4
+  conv_bias: bool = True
+  bias: bool = False
+  rms_norm: bool = True
+  norm_epsilon: float = 1e-5
+  residual_in_fp32: bool = True
+  pad_vocab_size_multiple: int = 8
+  tie_embeddings: bool = True
+  gated: bool = True
+  ssm: str = "selective"
+  scan_backend: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
+                 "pad_vocab_size_multiple"):
+      _checks.positive_int(name, getattr(self, name))
+    if self.dt_rank != "auto":
+      _checks.positive_int("dt_rank", self.dt_rank)
+    check_dt_range(self.dt_min, self.dt_max, self.dt_init_floor)
+    _checks.one_of("dt_init", self.dt_init, DT_INITS)
+    _checks.one_of("ssm", self.ssm, SSM_KINDS)
+    _checks.one_of("scan_backend", self.scan_backend, BACKENDS)
+    if not self.norm_epsilon > 0:
+      raise ValueError(f"norm_epsilon must be > 0; got {self.norm_epsilon!r}")
+    if not self.dt_scale > 0:
+      raise ValueError(f"dt_scale must be > 0; got {self.dt_scale!r}")
+    for name in ("dtype", "param_dtype"):
+      if not jnp.issubdtype(getattr(self, name), jnp.floating):
+        raise ValueError(f"{name} must be a floating-point dtype; got {getattr(self, name)!r}")
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.d_model
+
+  @property
+  def resolved_dt_rank(self) -> int:
+    return resolve_dt_rank(self.dt_rank, self.d_model)
+
+  @property
+  def padded_vocab_size(self) -> int:
+    m = self.pad_vocab_size_multiple
+    return -(-self.vocab_size // m) * m
+
+
+def resolve_dt_rank(dt_rank: int | str, d_model: int) -> int:
+  """``"auto"`` -> ``ceil(d_model / 16)``, as the official mixer."""
+  return math.ceil(d_model / 16) if dt_rank == "auto" else _checks.positive_int("dt_rank", dt_rank)
+
+
+def check_dt_range(dt_min: float, dt_max: float, dt_init_floor: float = 0.0) -> None:
+  """Δ's init range must be positive and ordered (the log-uniform sample takes logs of both)."""
+  if not 0 < dt_min <= dt_max:
+    raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max; got dt_min={dt_min!r}, "
+                     f"dt_max={dt_max!r}")
+  if not dt_init_floor >= 0:
+    raise ValueError(f"dt_init_floor must be >= 0; got {dt_init_floor!r}")

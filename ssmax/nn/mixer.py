@@ -1,0 +1,256 @@
+"""Mamba's mixer: in_proj -> causal depthwise conv1d -> SiLU -> x_proj -> (Δ, B, C) -> selective scan
+-> gate with SiLU(z) -> out_proj (Mamba paper, Figure 3 and Algorithm 2).
+
+Parameter names and initialisation follow the official ``mamba_ssm.modules.mamba_simple.Mamba``, so a
+PyTorch checkpoint converts by renaming and transposing:
+
+====================  =============================  ==========================================
+ssmax                 shape                          mamba_ssm (PyTorch)
+====================  =============================  ==========================================
+``in_proj.kernel``    ``(d_model, 2 * d_inner)``     ``in_proj.weight.T``
+``conv1d.kernel``     ``(d_conv, 1, d_inner)``       ``conv1d.weight`` ``(d_inner, 1, d_conv)``
+                                                     transposed ``(2, 1, 0)``
+``conv1d.bias``       ``(d_inner,)``                 ``conv1d.bias``
+``x_proj.kernel``     ``(d_inner, dt_rank + 2N)``    ``x_proj.weight.T``
+``dt_proj.kernel``    ``(dt_rank, d_inner)``         ``dt_proj.weight.T``
+``dt_proj.bias``      ``(d_inner,)``                 ``dt_proj.bias``
+``A_log``             ``(d_inner, N)``               ``A_log``
+``D``                 ``(d_inner,)``                 ``D``
+``out_proj.kernel``   ``(d_inner, d_model)``         ``out_proj.weight.T``
+====================  =============================  ==========================================
+
+``x_proj``'s output splits as ``[Δ (dt_rank), B (N), C (N)]`` and ``in_proj``'s as ``[x, z]``, as in
+the official code. With ``ssm="s4d"`` the inner SSM is linear time-invariant instead: per-channel
+learned ``log_dt``, ``A_log`` (and ``A_imag`` for a complex init), ``B`` and ``C``; there is no
+``x_proj`` or ``dt_proj`` and the SSM runs as an FFT convolution with an :mod:`ssmax.lti` kernel.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssmax import _checks
+from ssmax.nn import init as inits
+from ssmax.nn.config import DT_INITS, SSM_KINDS, MambaConfig, check_dt_range, resolve_dt_rank
+from ssmax.scan import BACKENDS, selective_scan
+
+
+class MixerState(NamedTuple):
+  """Recurrent state of one mixer, O(1) in the sequence length.
+
+  Attributes:
+    conv: ``(batch, d_conv, d_inner)`` the last ``d_conv`` inputs of the convolution, oldest first
+      (zeros before the sequence starts), in the compute dtype.
+    ssm: ``(batch, d_inner, d_state)`` SSM state after the last token, float32 (complex64 for a
+      complex ``s4d`` init).
+  """
+
+  conv: jax.Array
+  ssm: jax.Array
+
+
+class MambaMixer(nnx.Module):
+  """The Mamba block's mixer (the official ``Mamba`` module), batch-major.
+
+  Call it on ``(batch, length, d_model)``; ``step`` advances the recurrent state by one token.
+  """
+
+  def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+               dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+               dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
+               conv_bias: bool = True, bias: bool = False, gated: bool = True,
+               ssm: str = "selective", n_layer: int = 1, scan_backend: str = "auto",
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """Builds the mixer with the official initialisation.
+
+    Args:
+      d_model: input and output width.
+      d_state: SSM state size N.
+      d_conv: width of the causal depthwise convolution.
+      expand: ``d_inner = expand * d_model``.
+      dt_rank: rank of the Δ projection, ``"auto"`` = ``ceil(d_model / 16)``.
+      dt_min, dt_max, dt_init, dt_scale, dt_init_floor: Δ initialisation (see :class:`MambaConfig`).
+      conv_bias: bias in ``conv1d``.
+      bias: bias in ``in_proj`` and ``out_proj`` (initialised to zero, as the official LM does).
+      gated: gate the SSM output with ``SiLU(z)``; False drops the ``z`` half of ``in_proj``.
+      ssm: ``"selective"`` (S6) or ``"s4d"`` (LTI, S4D-Real A, convolution mode).
+      n_layer: ``out_proj``'s init is divided by ``sqrt(n_layer)`` (the official LM's rescaling of
+        residual branches; 1 leaves PyTorch's default).
+      scan_backend: backend for :func:`ssmax.selective_scan`.
+      dtype: compute dtype; parameters are ``param_dtype``.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+    """
+    for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
+                        ("expand", expand), ("n_layer", n_layer)):
+      _checks.positive_int(name, value)
+    check_dt_range(dt_min, dt_max, dt_init_floor)
+    _checks.one_of("dt_init", dt_init, DT_INITS)
+    _checks.one_of("ssm", ssm, SSM_KINDS)
+    _checks.one_of("scan_backend", scan_backend, BACKENDS)
+    self.d_model = d_model
+    self.d_state = d_state
+    self.d_conv = d_conv
+    self.d_inner = d_inner = expand * d_model
+    self.dt_rank = dt_rank = resolve_dt_rank(dt_rank, d_model)
+    self.gated = gated
+    self.ssm = ssm
+    self.scan_backend = scan_backend
+    self.dtype = dtype
+    linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    self.in_proj = nnx.Linear(d_model, (2 if gated else 1) * d_inner, use_bias=bias,
+                              kernel_init=inits.torch_uniform(d_model),
+                              bias_init=jax.nn.initializers.zeros, **linear)
+    # Depthwise: kernel (d_conv, 1, d_inner); the left context is concatenated by hand so that a
+    # carried conv state and zero padding take the same path.
+    self.conv1d = nnx.Conv(d_inner, d_inner, kernel_size=(d_conv,), feature_group_count=d_inner,
+                           padding="VALID", use_bias=conv_bias,
+                           kernel_init=inits.torch_uniform(d_conv),
+                           bias_init=inits.torch_uniform(d_conv), **linear)
+    if ssm == "selective":
+      self.x_proj = nnx.Linear(d_inner, dt_rank + 2 * d_state, use_bias=False,
+                               kernel_init=inits.torch_uniform(d_inner), **linear)
+      dt_std = dt_rank**-0.5 * dt_scale
+      dt_kernel_init = (jax.nn.initializers.constant(dt_std) if dt_init == "constant"
+                        else inits.torch_uniform(1, dt_std))
+      self.dt_proj = nnx.Linear(dt_rank, d_inner, use_bias=True, kernel_init=dt_kernel_init,
+                                bias_init=inits.mamba_dt_bias(dt_min, dt_max, dt_init_floor),
+                                **linear)
+    else:
+      key = rngs.params()
+      self.log_dt = nnx.Param(jnp.log(inits.log_uniform(key, (d_inner,), dt_min, dt_max))
+                              .astype(param_dtype))
+      self.B = nnx.Param(jnp.ones((d_inner, d_state), param_dtype))
+      self.C = nnx.Param(jax.random.normal(rngs.params(), (d_inner, d_state), param_dtype))
+    self.A_log = nnx.Param(inits.mamba_A_log(d_inner, d_state, param_dtype))
+    self.D = nnx.Param(jnp.ones((d_inner,), param_dtype))
+    self.out_proj = nnx.Linear(d_inner, d_model, use_bias=bias,
+                               kernel_init=inits.torch_uniform(d_inner, n_layer**-0.5),
+                               bias_init=jax.nn.initializers.zeros, **linear)
+
+  @classmethod
+  def from_config(cls, config: MambaConfig, *, rngs: nnx.Rngs) -> "MambaMixer":
+    """The mixer of one block of a :class:`~ssmax.nn.MambaLM` with ``config``."""
+    c = config
+    return cls(c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, dt_rank=c.dt_rank,
+               dt_min=c.dt_min, dt_max=c.dt_max, dt_init=c.dt_init, dt_scale=c.dt_scale,
+               dt_init_floor=c.dt_init_floor, conv_bias=c.conv_bias, bias=c.bias, gated=c.gated,
+               ssm=c.ssm, n_layer=c.n_layer, scan_backend=c.scan_backend, dtype=c.dtype,
+               param_dtype=c.param_dtype, rngs=rngs)
+
+  # --------------------------------------------------------------------------------------------
+
+  def init_state(self, batch: int) -> MixerState:
+    """Zero state: ``conv`` ``(batch, d_conv, d_inner)``, ``ssm`` ``(batch, d_inner, d_state)``."""
+    _checks.positive_int("batch", batch)
+    return MixerState(jnp.zeros((batch, self.d_conv, self.d_inner), self.dtype),
+                      jnp.zeros((batch, self.d_inner, self.d_state), jnp.float32))
+
+  def __call__(self, x: jax.Array, state: MixerState | None = None, *,
+               return_state: bool = False):
+    """Parallel (training / prefill) mode.
+
+    Args:
+      x: ``(batch, length, d_model)`` floating input, ``length >= 1``.
+      state: optional :class:`MixerState` to continue from (zero state if None).
+      return_state: also return the state after the last token.
+
+    Returns:
+      ``y`` ``(batch, length, d_model)`` in the compute dtype, or ``(y, state)``.
+    """
+    _checks.rank("x", x, 3, "(batch, length, d_model)")
+    _checks.floating("x", x)
+    b, l, _ = x.shape
+    _checks.shape("x", x, (None, None, self.d_model), "(batch, length, d_model)")
+    if l < 1:
+      raise ValueError(f"x must have length >= 1 along axis 1; got shape {x.shape}")
+    state = self._check_state(state, b)
+
+    xs, z = self._in_proj(x)
+    history = jnp.concatenate([state.conv.astype(xs.dtype), xs], axis=1)
+    u = jax.nn.silu(self.conv1d(history[:, 1:]))  # (b, l, d_inner)
+    if self.ssm == "selective":
+      dt, B, C = self._x_proj(u)
+      y, last = selective_scan(u, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), B, C,
+                               D=self.D[...], z=z, delta_bias=self.dt_proj.bias[...],
+                               delta_softplus=True, initial_state=state.ssm,
+                               return_last_state=True, backend=self.scan_backend)
+    else:
+      y, last = self._lti(u, z, state.ssm)
+    out = self.out_proj(y.astype(self.dtype))
+    if not return_state:
+      return out
+    return out, MixerState(history[:, -self.d_conv:].astype(self.dtype), last)
+
+  def step(self, state: MixerState, x: jax.Array):
+    """Recurrent mode: one token, O(1) in the sequence length.
+
+    Args:
+      state: :class:`MixerState` for ``batch`` sequences.
+      x: ``(batch, d_model)`` the current token's input.
+
+    Returns:
+      ``(y, state)`` with ``y`` ``(batch, d_model)`` in the compute dtype.
+    """
+    _checks.rank("x", x, 2, "(batch, d_model)")
+    _checks.floating("x", x)
+    _checks.shape("x", x, (None, self.d_model), "(batch, d_model)")
+    state = self._check_state(state, x.shape[0], required=True)
+
+    xs, z = self._in_proj(x)
+    conv = jnp.concatenate([state.conv[:, 1:], xs[:, None, :].astype(state.conv.dtype)], axis=1)
+    u = jnp.einsum("bkd,kd->bd", conv.astype(self.dtype), self.conv1d.kernel[...][:, 0, :]
+                   .astype(self.dtype))
+    if self.conv1d.bias is not None:
+      u = u + self.conv1d.bias[...].astype(self.dtype)
+    u = jax.nn.silu(u)
+    u32 = u.astype(jnp.float32)
+    if self.ssm == "selective":
+      dt, B, C = (t[:, 0] for t in self._x_proj(u[:, None, :]))
+      dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_proj.bias[...].astype(jnp.float32))
+      A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+      h = (jnp.exp(dt[..., None] * A) * state.ssm
+           + (dt * u32)[..., None] * B.astype(jnp.float32)[:, None, :])
+      y = jnp.sum(h * C.astype(jnp.float32)[:, None, :], axis=-1)
+    else:
+      Ab, Bb, C = self._lti_discrete()
+      h = Ab * state.ssm + Bb * u32[..., None]
+      y = jnp.sum(h * C, axis=-1).real
+    y = y + self.D[...].astype(jnp.float32) * u32
+    if z is not None:
+      y = y * jax.nn.silu(z.astype(jnp.float32))
+    return self.out_proj(y.astype(self.dtype)), MixerState(conv, h)
+
+  # --------------------------------------------------------------------------------------------
+
+  def _check_state(self, state, batch: int, required: bool = False) -> MixerState:
+    if state is None:
+      if required:
+        raise ValueError("state must be a MixerState; got None (use init_state(batch))")
+      return self.init_state(batch)
+    if not isinstance(state, MixerState):
+      raise ValueError(f"state must be a MixerState; got {type(state).__name__}")
+    _checks.shape("state.conv", state.conv, (batch, self.d_conv, self.d_inner),
+                  "(batch, d_conv, d_inner)")
+    _checks.shape("state.ssm", state.ssm, (batch, self.d_inner, self.d_state),
+                  "(batch, d_inner, d_state)")
+    return state
+
+  def _in_proj(self, x):
+    xz = self.in_proj(x)
+    if not self.gated:
+      return xz, None
+    return xz[..., :self.d_inner], xz[..., self.d_inner:]
+
+  def _x_proj(self, u):
+    """``u`` ``(b, l, d_inner)`` -> Δ before bias ``(b, l, d_inner)``, B, C ``(b, l, N)``."""
+    x_dbl = self.x_proj(u)
+    r, n = self.dt_rank, self.d_state
+    dt_low, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
+    # dt_proj without its bias: the bias goes to the scan as delta_bias, inside the softplus.
+    dt = jnp.dot(dt_low, self.dt_proj.kernel[...].astype(dt_low.dtype))
+    return dt, B, C

@@ -1,0 +1,353 @@
+"""Tests of ssmax.nn's modules against float64 NumPy loops (mixer, block, LM) and closed forms."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssmax import nn as snn
+
+# ---------------------------------------------------------------------------------------------
+# Float64 NumPy references, independent of ssmax.
+
+
+def f64(v):
+  return np.asarray(v, np.float64)
+
+
+def silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def softplus(x):
+  return np.logaddexp(0.0, x)
+
+
+def rms_norm(x, w, eps):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def mixer_params(m):
+  """The mixer's parameters as float64 NumPy arrays."""
+  p = dict(W_in=f64(m.in_proj.kernel[...]), conv_w=f64(m.conv1d.kernel[...])[:, 0, :],
+           conv_b=f64(m.conv1d.bias[...]), A_log=f64(m.A_log[...]), D=f64(m.D[...]),
+           W_out=f64(m.out_proj.kernel[...]))
+  if m.ssm == "selective":
+    p.update(W_x=f64(m.x_proj.kernel[...]), W_dt=f64(m.dt_proj.kernel[...]),
+             b_dt=f64(m.dt_proj.bias[...]))
+  return p
+
+
+def mixer(p, x, *, d_state, dt_rank, gated=True):
+  """Mamba mixer on ``x`` (batch, length, d_model): explicit conv loop and recurrence loop."""
+  b, length, _ = x.shape
+  d_conv, d_inner = p["conv_w"].shape
+  xz = x @ p["W_in"]
+  xs, z = (xz[..., :d_inner], xz[..., d_inner:]) if gated else (xz, None)
+  u = np.zeros_like(xs)
+  for t in range(length):
+    for k in range(d_conv):
+      src = t - (d_conv - 1) + k
+      if src >= 0:
+        u[:, t] += p["conv_w"][k] * xs[:, src]
+  u = silu(u + p["conv_b"])
+  x_dbl = u @ p["W_x"]
+  dt = softplus(x_dbl[..., :dt_rank] @ p["W_dt"] + p["b_dt"])
+  B = x_dbl[..., dt_rank:dt_rank + d_state]
+  C = x_dbl[..., dt_rank + d_state:]
+  A = -np.exp(p["A_log"])
+  h = np.zeros((b, d_inner, d_state))
+  y = np.zeros_like(u)
+  for t in range(length):
+    h = np.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+    y[:, t] = np.sum(h * C[:, t, None, :], axis=-1) + p["D"] * u[:, t]
+  if gated:
+    y = y * silu(z)
+  return y @ p["W_out"]
+
+
+def lm(model, tokens):
+  """MambaLM logits (batch, length, padded_vocab) in float64 from the model's parameters."""
+  cfg = model.config
+  emb = f64(model.embedding.embedding[...])
+  x = emb[np.asarray(tokens)]
+  for layer in model.layers:
+    h = rms_norm(x, f64(layer.norm.weight[...]), cfg.norm_epsilon)
+    x = x + mixer(mixer_params(layer.mixer), h, d_state=cfg.d_state,
+                  dt_rank=layer.mixer.dt_rank, gated=cfg.gated)
+  x = rms_norm(x, f64(model.norm_f.weight[...]), cfg.norm_epsilon)
+  head = emb.T if cfg.tie_embeddings else f64(model.lm_head.kernel[...])
+  return x @ head
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+
+TINY = dict(d_model=5, n_layer=2, vocab_size=37, d_state=3, d_conv=3, pad_vocab_size_multiple=8)
+
+
+def perturb(module, seed, scale=0.1):
+  """Adds noise to every parameter so that tests do not rely on special init values."""
+  state = nnx.state(module, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [v + scale * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)]
+  nnx.update(module, jax.tree.unflatten(treedef, leaves))
+  return module
+
+
+def rel_err(got, want):
+  got, want = f64(got), f64(want)
+  return np.max(np.abs(got - want)) / np.max(np.abs(want))
+
+
+@jax.jit
+def _apply(module, *args):
+  return module(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The official 130M shape.
+
+
+def test_param_count_130m_is_official():
+  cfg = snn.MambaConfig(d_model=768, n_layer=24)
+  assert cfg.padded_vocab_size == 50280 and cfg.resolved_dt_rank == 48 and cfg.d_inner == 1536
+  model = nnx.eval_shape(lambda: snn.MambaLM(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.state(model, nnx.Param)
+  assert sum(x.size for x in jax.tree.leaves(params)) == 129_135_360
+  mixer = model.layers[0].mixer
+  assert mixer.in_proj.kernel.shape == (768, 3072) and mixer.in_proj.bias is None
+  assert mixer.conv1d.kernel.shape == (4, 1, 1536) and mixer.conv1d.bias.shape == (1536,)
+  assert mixer.x_proj.kernel.shape == (1536, 80) and mixer.dt_proj.kernel.shape == (48, 1536)
+  assert mixer.A_log.shape == (1536, 16) and mixer.D.shape == (1536,)
+  assert mixer.out_proj.kernel.shape == (1536, 768)
+  assert model.embedding.embedding.shape == (50280, 768) and not hasattr(model, "lm_head")
+
+
+def test_130m_forward_under_jit():
+  cfg = snn.MambaConfig(d_model=768, n_layer=24)
+  model = snn.MambaLM(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.array([[50276, 0, 17, 4000, 9, 9, 123, 50000]], jnp.int32)
+  logits = nnx.jit(lambda m, t: m(t))(model, tokens)
+  assert logits.shape == (1, 8, 50280) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(logits)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixer, block, LM against the float64 loops.
+
+
+@pytest.mark.parametrize("gated,backend", [(True, "sequential"), (True, "associative"),
+                                           (False, "auto")])
+def test_mixer_matches_numpy_loop(gated, backend):
+  d_model, d_state, length = 5, 3, 37
+  m = snn.MambaMixer(d_model, d_state=d_state, d_conv=3, expand=2, dt_rank=2, gated=gated,
+                     scan_backend=backend, rngs=nnx.Rngs(1))
+  perturb(m, 2)
+  x = jax.random.normal(jax.random.key(3), (2, length, d_model))
+  want = mixer(mixer_params(m), f64(x), d_state=d_state, dt_rank=2, gated=gated)
+  assert rel_err(_apply(m, x), want) < 2e-4
+
+
+def test_lm_matches_numpy_loop():
+  cfg = snn.MambaConfig(**TINY, scan_backend="sequential")
+  model = perturb(snn.MambaLM(cfg, rngs=nnx.Rngs(4)), 5)
+  tokens = jax.random.randint(jax.random.key(6), (2, 11), 0, cfg.vocab_size)
+  logits = _apply(model, tokens)
+  assert logits.shape == (2, 11, 40)
+  assert rel_err(logits, lm(model, tokens)) < 2e-4
+
+
+def test_untied_head_matches_numpy_loop():
+  cfg = snn.MambaConfig(**TINY, tie_embeddings=False)
+  model = perturb(snn.MambaLM(cfg, rngs=nnx.Rngs(7)), 8)
+  assert model.lm_head.kernel.shape == (5, 40)
+  tokens = jax.random.randint(jax.random.key(9), (1, 7), 0, cfg.vocab_size)
+  assert rel_err(_apply(model, tokens), lm(model, tokens)) < 2e-4
+
+
+def test_rms_norm_matches_numpy():
+  norm = perturb(snn.RMSNorm(7, eps=1e-3), 10)
+  x = jax.random.normal(jax.random.key(11), (3, 5, 7))
+  want = rms_norm(f64(x), f64(norm.weight[...]), 1e-3)
+  assert rel_err(norm(x), want) < 1e-5
+
+
+def test_block_keeps_residual_in_fp32_with_bf16_compute():
+  cfg = snn.MambaConfig(**TINY, dtype=jnp.bfloat16)
+  model = snn.MambaLM(cfg, rngs=nnx.Rngs(12))
+  tokens = jax.random.randint(jax.random.key(13), (2, 9), 0, cfg.vocab_size)
+  x = model.embedding(tokens).astype(model.residual_dtype)
+  assert x.dtype == jnp.float32
+  y = model.layers[0](x)
+  assert y.dtype == jnp.float32
+  # The block adds exactly the mixer's output to the float32 stream.
+  h = model.layers[0].mixer(model.layers[0].norm(x))
+  assert h.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x + h.astype(jnp.float32)))
+  logits = _apply(model, tokens)
+  assert logits.dtype == jnp.bfloat16
+  fp32 = snn.MambaLM(snn.MambaConfig(**TINY), rngs=nnx.Rngs(12))
+  assert rel_err(logits, _apply(fp32, tokens)) < 2e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation.
+
+
+def test_mixer_init_statistics():
+  dt_min, dt_max, floor, n_layer = 0.002, 0.05, 1e-4, 9
+  d_model, d_state, d_conv = 48, 7, 3
+  m = snn.MambaMixer(d_model, d_state=d_state, d_conv=d_conv, dt_min=dt_min, dt_max=dt_max,
+                     dt_init_floor=floor, n_layer=n_layer, rngs=nnx.Rngs(14))
+  d_inner, rank = 96, 3
+  assert m.dt_rank == rank
+  dt = softplus(f64(m.dt_proj.bias[...]))
+  assert dt.min() >= dt_min * (1 - 1e-5) and dt.max() <= dt_max * (1 + 1e-5)
+  # log-uniform: log dt spreads over the whole range
+  logs = (np.log(dt) - math.log(dt_min)) / (math.log(dt_max) - math.log(dt_min))
+  assert logs.min() < 0.1 and logs.max() > 0.9 and abs(logs.mean() - 0.5) < 0.1
+  np.testing.assert_allclose(f64(m.A_log[...]),
+                             np.log(np.tile(np.arange(1, d_state + 1), (d_inner, 1))), rtol=1e-6)
+  np.testing.assert_array_equal(f64(m.D[...]), np.ones(d_inner))
+
+  def check_uniform(w, bound):
+    w = f64(w)
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+    assert abs(w.std() - bound / math.sqrt(3)) < 0.1 * bound
+
+  check_uniform(m.dt_proj.kernel[...], rank**-0.5)
+  check_uniform(m.in_proj.kernel[...], d_model**-0.5)
+  check_uniform(m.x_proj.kernel[...], d_inner**-0.5)
+  check_uniform(m.out_proj.kernel[...], d_inner**-0.5 / math.sqrt(n_layer))
+  check_uniform(m.conv1d.kernel[...], d_conv**-0.5)
+  check_uniform(m.conv1d.bias[...], d_conv**-0.5)
+
+
+def test_dt_floor_clamps_and_constant_dt_init():
+  m = snn.MambaMixer(16, dt_min=1e-5, dt_max=2e-5, dt_init_floor=1e-3, dt_init="constant",
+                     dt_scale=2.0, rngs=nnx.Rngs(15))
+  np.testing.assert_allclose(softplus(f64(m.dt_proj.bias[...])), 1e-3, rtol=1e-4)
+  np.testing.assert_allclose(f64(m.dt_proj.kernel[...]), 2.0, rtol=1e-6)
+
+
+def test_lm_init_embedding_and_norms():
+  cfg = snn.MambaConfig(d_model=64, n_layer=2, vocab_size=1001)
+  model = snn.MambaLM(cfg, rngs=nnx.Rngs(16))
+  emb = f64(model.embedding.embedding[...])
+  assert emb.shape == (1008, 64) and abs(emb.std() - 0.02) < 1e-3 and abs(emb.mean()) < 1e-3
+  np.testing.assert_array_equal(f64(model.norm_f.weight[...]), np.ones(64))
+  out = f64(model.layers[1].mixer.out_proj.kernel[...])
+  assert np.abs(out).max() <= 128**-0.5 / math.sqrt(2)
+
+
+def test_config_defaults_are_official():
+  cfg = snn.MambaConfig()
+  assert (cfg.d_model, cfg.n_layer, cfg.vocab_size, cfg.d_state, cfg.d_conv, cfg.expand) == (
+      2560, 64, 50277, 16, 4, 2)
+  assert (cfg.dt_min, cfg.dt_max, cfg.dt_init, cfg.dt_scale, cfg.dt_init_floor) == (
+      0.001, 0.1, "random", 1.0, 1e-4)
+  assert cfg.conv_bias and not cfg.bias and cfg.rms_norm and cfg.residual_in_fp32
+  assert cfg.tie_embeddings and cfg.norm_epsilon == 1e-5 and cfg.pad_vocab_size_multiple == 8
+  assert cfg.resolved_dt_rank == 160 and cfg.padded_vocab_size == 50280
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformations.
+
+
+def test_vmap_over_batch_equals_batched_forward():
+  cfg = snn.MambaConfig(**TINY)
+  model = snn.MambaLM(cfg, rngs=nnx.Rngs(17))
+  tokens = jax.random.randint(jax.random.key(18), (3, 6), 0, cfg.vocab_size)
+  graphdef, state = nnx.split(model)
+  one = lambda t: nnx.merge(graphdef, state)(t[None])[0]
+  np.testing.assert_allclose(jax.vmap(one)(tokens), _apply(model, tokens), rtol=1e-5, atol=1e-6)
+  per = nnx.vmap(lambda m, t: m(t[None])[0], in_axes=(None, 0))(model, tokens)
+  np.testing.assert_allclose(per, _apply(model, tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_grad_matches_finite_difference():
+  cfg = snn.MambaConfig(**TINY)
+  model = perturb(snn.MambaLM(cfg, rngs=nnx.Rngs(19)), 20)
+  tokens = jax.random.randint(jax.random.key(21), (2, 8), 0, cfg.vocab_size)
+
+  def loss(m):
+    logits = m(tokens[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+  grads = nnx.jit(nnx.grad(loss))(model)
+  g_state = nnx.state(grads, nnx.Param)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(g_state))
+  # Directional derivative along a random direction against a central difference (float64 LM).
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(22), len(leaves))
+  direction = [jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]
+  analytic = sum(float(jnp.vdot(g, v)) for g, v in zip(jax.tree.leaves(g_state), direction))
+
+  def loss64(sign, eps=1e-4):
+    nnx.update(model, jax.tree.unflatten(treedef, [v + sign * eps * d
+                                                   for v, d in zip(leaves, direction)]))
+    logits = lm(model, tokens[:, :-1])
+    logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
+                                  keepdims=True)) - logits.max(-1, keepdims=True)
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    return -np.mean(np.take_along_axis(logp, np.asarray(tokens[:, 1:, None]), -1))
+
+  numeric = (loss64(1) - loss64(-1)) / 2e-4
+  assert abs(analytic - numeric) < 1e-3 * max(1.0, abs(numeric))
+  # jax.grad on the module as a pytree gives the same gradient.
+  grads2 = jax.jit(jax.grad(loss))(model)
+  for a, b in zip(jax.tree.leaves(g_state), jax.tree.leaves(nnx.state(grads2, nnx.Param))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors.
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(d_model=0), "d_model must be a positive integer"),
+    (dict(n_layer=2.0), "n_layer must be a positive integer"),
+    (dict(dt_rank="full"), "dt_rank must be a positive integer"),
+    (dict(dt_min=0.2, dt_max=0.1), "dt_min and dt_max"),
+    (dict(dt_init="normal"), "dt_init must be one of"),
+    (dict(ssm="s5"), "ssm must be one of"),
+    (dict(scan_backend="cuda"), "scan_backend must be one of"),
+    (dict(dtype=jnp.int32), "dtype must be a floating-point dtype"),
+    (dict(norm_epsilon=0.0), "norm_epsilon must be > 0"),
+])
+def test_config_errors_name_the_field(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    snn.MambaConfig(**kwargs)
+
+
+def test_lm_rejects_bad_tokens():
+  model = snn.MambaLM(snn.MambaConfig(**TINY), rngs=nnx.Rngs(23))
+  with pytest.raises(ValueError, match="tokens must have an integer dtype; got float32"):
+    model(jnp.zeros((1, 4), jnp.float32))
+  with pytest.raises(ValueError, match=r"tokens must have rank 2 \(batch, length\); got shape \(4,\)"):
+    model(jnp.zeros((4,), jnp.int32))
+  with pytest.raises(ValueError, match=r"tokens must lie in \[0, 40\); got values in \[0, 40\]"):
+    model(jnp.array([[0, 40]]))
+  with pytest.raises(ValueError, match="config must be a MambaConfig"):
+    snn.MambaLM(dict(d_model=5), rngs=nnx.Rngs(0))
+
+
+def test_mixer_rejects_bad_input():
+  m = snn.MambaMixer(5, d_state=3, rngs=nnx.Rngs(24))
+  with pytest.raises(ValueError, match=r"x must have shape \(\?, \?, 5\)"):
+    m(jnp.zeros((1, 4, 6)))
+  with pytest.raises(ValueError, match="x must have rank 3"):
+    m(jnp.zeros((4, 5)))
+  with pytest.raises(ValueError, match="x must have a floating-point dtype"):
+    m(jnp.zeros((1, 4, 5), jnp.int32))
+  with pytest.raises(ValueError, match=r"state.ssm must have shape \(2, 10, 3\)"):
+    m(jnp.zeros((2, 4, 5)), snn.MixerState(jnp.zeros((2, 4, 10)), jnp.zeros((2, 10, 4))))
+  with pytest.raises(ValueError, match="d_conv must be a positive integer"):
+    snn.MambaMixer(5, d_conv=0, rngs=nnx.Rngs(0))
