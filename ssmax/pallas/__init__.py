@@ -1,9 +1,5 @@
-"""Fused Pallas kernels. The selective scan kernel is being written; until then nothing is taken."""
+"""Fused Pallas kernels: the selective scan, forward and backward (see :mod:`.selective_scan`)."""
 
+from ssmax.pallas.selective_scan import Config, selective_scan, unsupported_reason
 
-def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
-  return "the fused Pallas selective scan is not available in this build"
-
-
-def selective_scan(*args, **kwargs):
-  raise NotImplementedError("the fused Pallas selective scan is not available in this build")
+__all__ = ["Config", "selective_scan", "unsupported_reason"]

@@ -1,0 +1,604 @@
+"""Fused selective scan (Mamba's S6) for GPUs in Pallas, forward and backward.
+
+Semantics are those of :func:`ssmax.scan.selective_scan` (``_sequential`` there is the reference).
+
+Blocking. A program owns one batch element, ``block_channels`` channels that share one B group and
+one C group, and one *split* of the sequence: ``chunks_per_split`` chunks of ``chunk`` time steps.
+Its state is a ``(padded state, block_channels)`` float32 tile held in registers; channels are the
+last axis so that each row of u, Δ, z and y is one coalesced access. Inside a chunk the time steps are
+unrolled in Python, so their independent loads are issued ahead of the recurrence.
+
+Forward (``_forward``):
+  1. if the sequence has several splits, ``_fwd_local_kernel`` runs each split from a zero state and
+     returns its end state and its sum of Δ; a short ``lax.scan`` over splits gives every split its
+     entering state (exp(A·ΣΔ) is the split's total decay);
+  2. ``_fwd_kernel`` walks each split from its entering state, writes y, and saves the state entering
+     each chunk: ``(batch, chunks, state, channels)`` float32, the only residual besides the inputs.
+
+Backward (``_backward``), the same two steps in reverse time:
+  1. ``_bwd_local_kernel`` runs the adjoint recurrence g_{t-1} = exp(Δ_t A) (g_t + C_t dout_t) over
+     each split from zero (it needs no states); a reverse ``lax.scan`` over splits gives each split
+     the gradient of the state at its end, the last one being the cotangent of ``last_state``;
+  2. ``_bwd_kernel`` walks the chunks of its split backwards: it recomputes the chunk's states from
+     the saved one (kept in registers, one tile per unrolled step), then walks back over them.
+     Gradients of B and C are reduced over the program's channels inside the kernel and over
+     channel blocks by XLA afterwards, and parameter gradients are summed per program and then by
+     XLA: every sum has a fixed order, so the backward is deterministic (no atomics).
+
+The kernels use the Pallas Triton lowering (``pl.pallas_call`` with ``pallas.triton`` compiler
+parameters): on JAX 0.11 it lowers dynamic ``pl.ds`` indexing inside ``fori_loop``, masked loads and
+reductions, and compiles in seconds. Triton needs power-of-two array shapes, so channels and states
+are padded up and masked. With ``interpret=True`` the same kernels run in Pallas's interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MAX_STATE = 256
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, int(x) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tuning knobs; ``None`` picks a default from the shapes.
+
+  Attributes:
+    block_channels: channels per program (a power of two).
+    chunk: time steps per chunk; the forward saves the state entering each chunk.
+    splits: number of programs along time (sequence parallelism).
+    num_warps: warps per program.
+  """
+
+  block_channels: int | None = None
+  chunk: int | None = None
+  splits: int | None = None
+  num_warps: int | None = None
+  bwd_block_channels: int | None = None
+  bwd_num_warps: int | None = None
+  target_programs: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static blocking of one call (hashable: it parameterises the kernels)."""
+
+  batch: int
+  length: int
+  channels: int
+  state: int
+  groups_b: int
+  groups_c: int
+  groups: int  # fine groups: lcm(groups_b, groups_c); a program never straddles one
+  group_channels: int  # channels per fine group
+  block: int  # channels per program
+  sub_blocks: int  # programs per fine group
+  state_pad: int
+  chunk: int
+  chunks: int
+  chunks_per_split: int
+  splits: int
+  num_warps: int
+  has_d: bool
+  has_z: bool
+  has_bias: bool
+  softplus: bool
+  interpret: bool
+
+  @property
+  def channel_programs(self) -> int:
+    return self.groups * self.sub_blocks
+
+  @property
+  def ragged(self) -> bool:
+    return self.length % self.chunk != 0
+
+
+def _make_plan(u, B, C, A, D, z, delta_bias, softplus, interpret, config: Config,
+               backward: bool = False) -> _Plan:
+  b, l, d = u.shape
+  n = A.shape[1]
+  gb, gc = B.shape[2], C.shape[2]
+  g = math.lcm(gb, gc)
+  cpg = d // g
+  np_ = max(_next_pow2(n), 2)
+  # Registers bound the tile: the backward keeps chunk + 1 state tiles alive.
+  elems = 2048 if not backward else 1024
+  block = config.bwd_block_channels if backward else config.block_channels
+  if block is None:
+    block = max(1, min(32, elems // np_))
+  block = min(_next_pow2(block), max(_next_pow2(cpg), 1))
+  num_warps = config.bwd_num_warps if backward else config.num_warps
+  if num_warps is None:
+    num_warps = max(1, min(4, block * np_ // 512))
+  chunk = config.chunk or 8
+  chunks = -(-l // chunk)
+  sub_blocks = -(-cpg // block)
+  if config.splits is not None:
+    splits = config.splits
+  else:
+    splits = max(1, config.target_programs // (b * g * sub_blocks))
+  splits = max(1, min(splits, chunks))
+  cps = -(-chunks // splits)
+  splits = -(-chunks // cps)
+  return _Plan(b, l, d, n, gb, gc, g, cpg, block, sub_blocks, np_, chunk, chunks, cps, splits,
+               num_warps, D is not None, z is not None, delta_bias is not None, softplus,
+               interpret)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces shared by the kernels.
+
+
+def _exp2(x, interpret):
+  if interpret:
+    return jnp.exp2(x)
+  [y] = plgpu.elementwise_inline_asm(
+      "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+  return y
+
+
+def _sigmoid(x, interpret):
+  return 1.0 / (1.0 + _exp2(-x * _LOG2E, interpret))
+
+
+class _Program:
+  """Coordinates and masks of the current program, and row loads/stores at time t."""
+
+  def __init__(self, p: _Plan):
+    self.p = p
+    pc, self.k, self.i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    self.pc = pc
+    fg = pc // p.sub_blocks
+    sb = pc % p.sub_blocks
+    self.c0 = fg * p.group_channels + sb * p.block
+    self.cols = pl.ds(self.c0, p.block)
+    self.cmask = sb * p.block + jnp.arange(p.block) < p.group_channels
+    self.gb = fg // (p.groups // p.groups_b)
+    self.gc = fg // (p.groups // p.groups_c)
+    self.nidx = pl.ds(0, p.state_pad)
+    self.nmask = jnp.arange(p.state_pad) < p.state
+    self.mask2 = self.nmask[:, None] & self.cmask[None, :]
+    self.first_chunk = self.k * p.chunks_per_split
+    self.num_chunks = jnp.minimum(p.chunks_per_split, p.chunks - self.first_chunk)
+
+  def valid(self, t):
+    return (t < self.p.length) if self.p.ragged else None
+
+  def row(self, ref, t, valid):
+    m = self.cmask if valid is None else self.cmask & valid
+    return plgpu.load(ref.at[self.i, t, self.cols], mask=m, other=0.0).astype(jnp.float32)
+
+  def store_row(self, ref, t, valid, x):
+    m = self.cmask if valid is None else self.cmask & valid
+    plgpu.store(ref.at[self.i, t, self.cols], x.astype(ref.dtype), mask=m)
+
+  def bc_row(self, ref, t, group, valid):
+    """B or C at time t for this program's group: ``(state_pad, 1)`` float32."""
+    m = self.nmask if valid is None else self.nmask & valid
+    return plgpu.load(ref.at[self.i, t, group, self.nidx], mask=m, other=0.0).astype(
+        jnp.float32)[:, None]
+
+  def vec(self, ref):
+    return plgpu.load(ref.at[self.cols], mask=self.cmask, other=0.0).astype(jnp.float32)
+
+  def tile(self, ref, *lead):
+    return plgpu.load(ref.at[(*lead, self.nidx, self.cols)], mask=self.mask2, other=0.0)
+
+  def store_tile(self, ref, x, *lead):
+    plgpu.store(ref.at[(*lead, self.nidx, self.cols)], x.astype(ref.dtype), mask=self.mask2)
+
+  def delta(self, raw, bias, valid):
+    """Δ after bias and softplus, and dΔ/draw; zero past the end of the sequence."""
+    p = self.p
+    x = raw if bias is None else raw + bias
+    if p.softplus:
+      e = _exp2(jnp.minimum(x, 20.0) * _LOG2E, p.interpret)
+      dt = jnp.where(x > 20.0, x, jnp.log1p(e))
+      grad = e / (1.0 + e)
+    else:
+      dt, grad = x, None
+    if valid is not None:
+      dt = jnp.where(valid, dt, 0.0)
+    return dt, grad
+
+
+def _unpack(refs, names, flags):
+  """Splits a kernel's refs into a dict, skipping optional inputs that are absent."""
+  out, it = {}, iter(refs)
+  for name in names:
+    out[name] = next(it) if flags.get(name, True) else None
+  rest = list(it)
+  return out, rest
+
+
+_IN_NAMES = ("u", "delta", "at", "B", "C", "D", "z", "bias")
+
+
+def _in_flags(p: _Plan):
+  return {"D": p.has_d, "z": p.has_z, "bias": p.has_bias}
+
+
+def _compiler_params(p: _Plan):
+  return plgpu.CompilerParams(num_warps=p.num_warps, num_stages=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward.
+
+
+def _fwd_local_kernel(*refs, p: _Plan):
+  """Each split from a zero state: end state (b, K, n, d) and ΣΔ (b, K, d)."""
+  r, (hloc_ref, dsum_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
+  g = _Program(p)
+  a2 = g.tile(r["at"]) * _LOG2E
+  bias = g.vec(r["bias"]) if p.has_bias else None
+
+  def chunk(ci, carry):
+    h, dsum = carry
+    c = g.first_chunk + ci
+    for s in range(p.chunk):
+      t = c * p.chunk + s
+      valid = g.valid(t)
+      u = g.row(r["u"], t, valid)
+      dt, _ = g.delta(g.row(r["delta"], t, valid), bias, valid)
+      bt = g.bc_row(r["B"], t, g.gb, valid)
+      h = _exp2(dt[None, :] * a2, p.interpret) * h + bt * (dt * u)[None, :]
+      dsum = dsum + dt
+    return h, dsum
+
+  h0 = jnp.zeros((p.state_pad, p.block), jnp.float32)
+  h, dsum = lax.fori_loop(0, g.num_chunks, chunk, (h0, jnp.zeros((p.block,), jnp.float32)))
+  g.store_tile(hloc_ref, h, g.i, g.k)
+  plgpu.store(dsum_ref.at[g.i, g.k, g.cols], dsum, mask=g.cmask)
+
+
+def _fwd_kernel(*refs, p: _Plan):
+  """Outputs y, the state entering every chunk, and each split's end state."""
+  r, (h0_ref, y_ref, hs_ref, hend_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
+  g = _Program(p)
+  a2 = g.tile(r["at"]) * _LOG2E
+  bias = g.vec(r["bias"]) if p.has_bias else None
+  dskip = g.vec(r["D"]) if p.has_d else None
+
+  def chunk(ci, h):
+    c = g.first_chunk + ci
+    g.store_tile(hs_ref, h, g.i, c)
+    for s in range(p.chunk):
+      t = c * p.chunk + s
+      valid = g.valid(t)
+      u = g.row(r["u"], t, valid)
+      dt, _ = g.delta(g.row(r["delta"], t, valid), bias, valid)
+      bt = g.bc_row(r["B"], t, g.gb, valid)
+      ct = g.bc_row(r["C"], t, g.gc, valid)
+      h = _exp2(dt[None, :] * a2, p.interpret) * h + bt * (dt * u)[None, :]
+      y = jnp.sum(ct * h, axis=0)
+      if p.has_d:
+        y = y + dskip * u
+      if p.has_z:
+        z = g.row(r["z"], t, valid)
+        y = y * z * _sigmoid(z, p.interpret)
+      g.store_row(y_ref, t, valid, y)
+    return h
+
+  h = lax.fori_loop(0, g.num_chunks, chunk, g.tile(h0_ref, g.i, g.k))
+  g.store_tile(hend_ref, h, g.i, g.k)
+
+
+def _inputs(p: _Plan, u, delta, at, B, C, D, z, bias):
+  return [x for x, keep in ((u, True), (delta, True), (at, True), (B, True), (C, True),
+                            (D, p.has_d), (z, p.has_z), (bias, p.has_bias)) if keep]
+
+
+def _call(kernel, p: _Plan, out_shape, *args):
+  return pl.pallas_call(
+      functools.partial(kernel, p=p),
+      out_shape=out_shape,
+      grid=(p.channel_programs, p.splits, p.batch),
+      compiler_params=_compiler_params(p),
+      interpret=p.interpret,
+      name=kernel.__name__.strip("_"),
+  )(*args)
+
+
+def _split_decay(at, dsum):
+  """exp(A ΣΔ) per split: (b, K, n, d)."""
+  return jnp.exp(at[None, None] * dsum[:, :, None, :])
+
+
+def _forward(p: _Plan, u, delta, at, B, C, D, z, bias, h0t):
+  """Returns y, states entering chunks (b, chunks, n, d) and last state (b, n, d), transposed."""
+  b, l, d, n, k = p.batch, p.length, p.channels, p.state, p.splits
+  ins = _inputs(p, u, delta, at, B, C, D, z, bias)
+  f32 = jnp.float32
+  if k > 1:
+    hloc, dsum = _call(_fwd_local_kernel, p, (
+        jax.ShapeDtypeStruct((b, k, n, d), f32), jax.ShapeDtypeStruct((b, k, d), f32)), *ins)
+    decay = _split_decay(at, dsum)
+
+    def step(h, xs):
+      dec, loc = xs
+      return dec * h + loc, h
+
+    _, enter = lax.scan(step, h0t, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(hloc, 1, 0)))
+    enter = jnp.moveaxis(enter, 0, 1)
+  else:
+    enter = h0t[:, None]
+  y, hs, hend = _call(_fwd_kernel, p, (
+      jax.ShapeDtypeStruct((b, l, d), u.dtype),
+      jax.ShapeDtypeStruct((b, p.chunks, n, d), f32),
+      jax.ShapeDtypeStruct((b, k, n, d), f32)), *ins, enter)
+  return y, hs, hend[:, -1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward.
+
+
+def _dout(g: _Program, r, t, valid, dy):
+  """Cotangent of C·h + D u (before the gate), and the gate's input z."""
+  if not g.p.has_z:
+    return dy, None
+  z = g.row(r["z"], t, valid)
+  return dy * z * _sigmoid(z, g.p.interpret), z
+
+
+def _bwd_local_kernel(*refs, p: _Plan):
+  """Adjoint recurrence over each split from zero: g at the split start (b, K, n, d), ΣΔ (b, K, d)."""
+  r, (dy_ref, gloc_ref, dsum_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
+  g = _Program(p)
+  a2 = g.tile(r["at"]) * _LOG2E
+  bias = g.vec(r["bias"]) if p.has_bias else None
+
+  def chunk(ci, carry):
+    gs, dsum = carry
+    c = g.first_chunk + g.num_chunks - 1 - ci
+    for s in reversed(range(p.chunk)):
+      t = c * p.chunk + s
+      valid = g.valid(t)
+      dt, _ = g.delta(g.row(r["delta"], t, valid), bias, valid)
+      dout, _ = _dout(g, r, t, valid, g.row(dy_ref, t, valid))
+      ct = g.bc_row(r["C"], t, g.gc, valid)
+      gs = _exp2(dt[None, :] * a2, p.interpret) * (gs + ct * dout[None, :])
+      dsum = dsum + dt
+    return gs, dsum
+
+  g0 = jnp.zeros((p.state_pad, p.block), jnp.float32)
+  gs, dsum = lax.fori_loop(0, g.num_chunks, chunk, (g0, jnp.zeros((p.block,), jnp.float32)))
+  g.store_tile(gloc_ref, gs, g.i, g.k)
+  plgpu.store(dsum_ref.at[g.i, g.k, g.cols], dsum, mask=g.cmask)
+
+
+def _bwd_kernel(*refs, p: _Plan):
+  """Gradients of one split, walking its chunks backwards from the gradient at its end."""
+  r, rest = _unpack(refs, _IN_NAMES, _in_flags(p))
+  (hs_ref, dy_ref, gend_ref, du_ref, ddelta_ref, dz_ref, dbp_ref, dcp_ref, gstart_ref, dap_ref,
+   ddp_ref, dbiasp_ref) = rest
+  g = _Program(p)
+  at = g.tile(r["at"])
+  a2 = at * _LOG2E
+  bias = g.vec(r["bias"]) if p.has_bias else None
+  dskip = g.vec(r["D"]) if p.has_d else None
+
+  def chunk(ci, carry):
+    gs, da_acc, dd_acc, dbias_acc = carry
+    c = g.first_chunk + g.num_chunks - 1 - ci
+    h = g.tile(hs_ref, g.i, c)
+    states = [h]
+    steps = []
+    # Recompute the chunk's states; everything that needs no adjoint is done on the way.
+    for s in range(p.chunk):
+      t = c * p.chunk + s
+      valid = g.valid(t)
+      u = g.row(r["u"], t, valid)
+      dt, dsp = g.delta(g.row(r["delta"], t, valid), bias, valid)
+      bt = g.bc_row(r["B"], t, g.gb, valid)
+      h = _exp2(dt[None, :] * a2, p.interpret) * h + bt * (dt * u)[None, :]
+      states.append(h)
+      dy = g.row(dy_ref, t, valid)
+      dout, z = _dout(g, r, t, valid, dy)
+      if p.has_z:
+        ct = g.bc_row(r["C"], t, g.gc, valid)
+        out = jnp.sum(ct * h, axis=0)
+        if p.has_d:
+          out = out + dskip * u
+        sz = _sigmoid(z, p.interpret)
+        g.store_row(dz_ref, t, valid, dy * out * sz * (1.0 + z * (1.0 - sz)))
+      dc = jnp.sum(h * dout[None, :], axis=1)
+      plgpu.store(dcp_ref.at[g.i, t, g.pc, g.nidx], dc,
+                  mask=g.nmask if valid is None else g.nmask & valid)
+      if p.has_d:
+        dd_acc = dd_acc + dout * u
+      steps.append((t, valid, u, dt, dsp, dout))
+    # Walk back over the chunk.
+    for s in reversed(range(p.chunk)):
+      t, valid, u, dt, dsp, dout = steps[s]
+      bt = g.bc_row(r["B"], t, g.gb, valid)
+      ct = g.bc_row(r["C"], t, g.gc, valid)
+      gs = gs + ct * dout[None, :]
+      decay = _exp2(dt[None, :] * a2, p.interpret)
+      gdh = gs * decay * states[s]
+      da_acc = da_acc + gdh * dt[None, :]
+      gb_sum = jnp.sum(gs * bt, axis=0)
+      ddt = jnp.sum(gdh * at, axis=0) + gb_sum * u
+      du = gb_sum * dt
+      if p.has_d:
+        du = du + dskip * dout
+      g.store_row(du_ref, t, valid, du)
+      draw = ddt if dsp is None else ddt * dsp
+      if valid is not None:
+        draw = jnp.where(valid, draw, 0.0)
+      g.store_row(ddelta_ref, t, valid, draw)
+      if p.has_bias:
+        dbias_acc = dbias_acc + draw
+      db = jnp.sum(gs * (dt * u)[None, :], axis=1)
+      plgpu.store(dbp_ref.at[g.i, t, g.pc, g.nidx], db,
+                  mask=g.nmask if valid is None else g.nmask & valid)
+      gs = decay * gs
+    return gs, da_acc, dd_acc, dbias_acc
+
+  tile0 = jnp.zeros((p.state_pad, p.block), jnp.float32)
+  vec0 = jnp.zeros((p.block,), jnp.float32)
+  gs, da_acc, dd_acc, dbias_acc = lax.fori_loop(
+      0, g.num_chunks, chunk, (g.tile(gend_ref, g.i, g.k), tile0, vec0, vec0))
+  g.store_tile(gstart_ref, gs, g.i, g.k)
+  g.store_tile(dap_ref, da_acc, g.i, g.k)
+  plgpu.store(ddp_ref.at[g.i, g.k, g.cols], dd_acc, mask=g.cmask)
+  plgpu.store(dbiasp_ref.at[g.i, g.k, g.cols], dbias_acc, mask=g.cmask)
+
+
+def _backward(p: _Plan, res, dy, dlast_t):
+  u, delta, at, B, C, D, z, bias, hs = res
+  b, l, d, n, k = p.batch, p.length, p.channels, p.state, p.splits
+  f32 = jnp.float32
+  ins = _inputs(p, u, delta, at, B, C, D, z, bias)
+  if k > 1:
+    gloc, dsum = _call(_bwd_local_kernel, p, (
+        jax.ShapeDtypeStruct((b, k, n, d), f32), jax.ShapeDtypeStruct((b, k, d), f32)),
+        *ins, dy)
+    decay = _split_decay(at, dsum)
+
+    def step(gnext, xs):
+      dec, loc = xs
+      gk = dec * gnext + loc
+      return gk, gk
+
+    # gend[k] = decay[k+1] * gend[k+1] + gloc[k+1]; gend[K-1] = dlast.
+    _, gend = lax.scan(step, dlast_t, (jnp.moveaxis(decay[:, 1:], 1, 0),
+                                       jnp.moveaxis(gloc[:, 1:], 1, 0)), reverse=True)
+    gend = jnp.concatenate([jnp.moveaxis(gend, 0, 1), dlast_t[:, None]], axis=1)
+  else:
+    gend = dlast_t[:, None]
+  nprog = p.channel_programs
+  outs = (
+      jax.ShapeDtypeStruct(u.shape, u.dtype),
+      jax.ShapeDtypeStruct(delta.shape, delta.dtype),
+      jax.ShapeDtypeStruct(z.shape if p.has_z else (1, 1, 1), z.dtype if p.has_z else f32),
+      jax.ShapeDtypeStruct((b, l, nprog, n), f32),
+      jax.ShapeDtypeStruct((b, l, nprog, n), f32),
+      jax.ShapeDtypeStruct((b, k, n, d), f32),
+      jax.ShapeDtypeStruct((b, k, n, d), f32),
+      jax.ShapeDtypeStruct((b, k, d), f32),
+      jax.ShapeDtypeStruct((b, k, d), f32),
+  )
+  du, ddelta, dz, dbp, dcp, gstart, dap, ddp, dbiasp = _call(
+      _bwd_kernel, p, outs, *ins, hs, dy, gend)
+
+  def group_sum(part, groups, dtype):
+    per = nprog // groups
+    return part.reshape(b, l, groups, per, n).sum(axis=3).astype(dtype)
+
+  dB = group_sum(dbp, p.groups_b, B.dtype)
+  dC = group_sum(dcp, p.groups_c, C.dtype)
+  dA = dap.sum(axis=(0, 1)).T
+  dD = ddp.sum(axis=(0, 1)) if p.has_d else None
+  dbias = dbiasp.sum(axis=(0, 1)) if p.has_bias else None
+  dh0 = jnp.swapaxes(gstart[:, 0], 1, 2)
+  return du, ddelta, dA, dB, dC, dD, (dz if p.has_z else None), dbias, dh0
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points, custom VJP.
+
+
+def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
+  """Why the fused kernel cannot take these (already checked) inputs, or None if it can."""
+  if jnp.issubdtype(A.dtype, jnp.complexfloating):
+    return "complex A is not supported by the fused kernel"
+  for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+    if x is not None and jnp.dtype(x.dtype) not in map(jnp.dtype, _SUPPORTED_DTYPES):
+      return f"{name} has dtype {x.dtype}; the fused kernel takes float32, bfloat16 or float16"
+  for name, x in (("A", A), ("D", D), ("delta_bias", delta_bias),
+                  ("initial_state", initial_state)):
+    if x is not None and jnp.dtype(x.dtype) not in map(jnp.dtype, _SUPPORTED_DTYPES):
+      return f"{name} has dtype {x.dtype}; the fused kernel takes float32 parameters"
+  if A.shape[1] > MAX_STATE:
+    return f"state size {A.shape[1]} exceeds the fused kernel's maximum of {MAX_STATE}"
+  return None
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, *,
+                   delta_softplus: bool = False, interpret: bool = False,
+                   config: Config | None = None):
+  """Fused selective scan on canonical inputs (see :func:`ssmax.scan.check_inputs`).
+
+  Args:
+    u, delta: ``(batch, length, channels)``, float32/bfloat16/float16.
+    A: ``(channels, state)`` float32, state <= 256.
+    B, C: ``(batch, length, groups, state)``; groups divide the channels contiguously.
+    D, delta_bias: optional ``(channels,)`` float32.
+    z: optional ``(batch, length, channels)`` gate.
+    initial_state: optional ``(batch, channels, state)`` float32.
+    delta_softplus: apply softplus to ``delta + delta_bias``.
+    interpret: run the kernels in Pallas's interpreter (CPU).
+    config: optional :class:`Config` overriding the blocking.
+
+  Returns:
+    ``(y, last_state)``: ``y`` ``(batch, length, channels)`` in ``u.dtype``, ``last_state``
+    ``(batch, channels, state)`` float32. Differentiable in every array argument (``last_state``'s
+    cotangent included) through a custom VJP.
+  """
+  config = config or Config()
+  fwd_plan = _make_plan(u, B, C, A, D, z, delta_bias, delta_softplus, interpret, config)
+  bwd_plan = _make_plan(u, B, C, A, D, z, delta_bias, delta_softplus, interpret, config,
+                        backward=True)
+  # Both passes must agree on where the saved chunk states lie.
+  bwd_plan = dataclasses.replace(bwd_plan, chunk=fwd_plan.chunk, chunks=fwd_plan.chunks)
+  return _scan_vjp(fwd_plan, bwd_plan, u, delta, A, B, C, D, z, delta_bias, initial_state)
+
+
+def _prepare(p: _Plan, A, initial_state):
+  at = A.astype(jnp.float32).T
+  if initial_state is None:
+    h0t = jnp.zeros((p.batch, p.state, p.channels), jnp.float32)
+  else:
+    h0t = jnp.swapaxes(initial_state.astype(jnp.float32), 1, 2)
+  return at, h0t
+
+
+def _f32(x):
+  return None if x is None else x.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan_vjp(fp, bp, u, delta, A, B, C, D, z, delta_bias, initial_state):
+  at, h0t = _prepare(fp, A, initial_state)
+  y, _, last = _forward(fp, u, delta, at, B, C, _f32(D), z, _f32(delta_bias), h0t)
+  return y, jnp.swapaxes(last, 1, 2)
+
+
+def _scan_fwd(fp, bp, u, delta, A, B, C, D, z, delta_bias, initial_state):
+  at, h0t = _prepare(fp, A, initial_state)
+  D32, bias32 = _f32(D), _f32(delta_bias)
+  y, hs, last = _forward(fp, u, delta, at, B, C, D32, z, bias32, h0t)
+  res = (u, delta, at, B, C, D32, z, bias32, hs, A, D, delta_bias, initial_state)
+  return (y, jnp.swapaxes(last, 1, 2)), res
+
+
+def _scan_bwd(fp, bp, res, cts):
+  u, delta, at, B, C, D32, z, bias32, hs, A, D, delta_bias, initial_state = res
+  dy, dlast = cts
+  dlast_t = jnp.swapaxes(dlast.astype(jnp.float32), 1, 2)
+  du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _backward(
+      bp, (u, delta, at, B, C, D32, z, bias32, hs), dy.astype(u.dtype), dlast_t)
+  cast = lambda g, x: None if x is None else g.astype(x.dtype)
+  return (du, ddelta, cast(dA, A), dB, dC, cast(dD, D), dz, cast(dbias, delta_bias),
+          cast(dh0, initial_state))
+
+
+_scan_vjp.defvjp(_scan_fwd, _scan_bwd)
