@@ -1,0 +1,129 @@
+"""Training checkpoints: Orbax save and restore of an NNX model's state and its optimizer's.
+
+A checkpoint directory holds one subdirectory per training step, written by
+``orbax.checkpoint.CheckpointManager``; each step stores the model's ``nnx.state`` under the item
+``"model"`` and, when given, the optimizer's under ``"optimizer"``. On restore, arrays take the
+dtypes and shardings of the arrays they replace::
+
+    ssmax.checkpoint.save(ckpt_dir, model, optimizer, step=1000)
+    ...
+    step = ssmax.checkpoint.restore(ckpt_dir, model, optimizer)  # latest step, in place
+
+For interchange with PyTorch checkpoints see :mod:`ssmax.convert`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ssmax import _checks
+
+MODEL = "model"
+OPTIMIZER = "optimizer"
+
+
+def _manager(directory, max_to_keep=None, create=False) -> ocp.CheckpointManager:
+  directory = pathlib.Path(os.fspath(directory)).absolute()  # Orbax wants absolute paths
+  if not create and not directory.is_dir():
+    raise ValueError(f"directory {directory} does not exist")
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save(directory, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *, step: int = 0,
+         max_to_keep: int | None = None) -> pathlib.Path:
+  """Saves ``nnx.state(model)`` (and ``nnx.state(optimizer)``) as step ``step`` of ``directory``.
+
+  Args:
+    directory: checkpoint root; created if missing. Each step goes to ``directory/<step>``.
+    model: any ``flax.nnx.Module`` (e.g. :class:`ssmax.nn.MambaLM`).
+    optimizer: optional ``nnx.Optimizer`` whose state (moments, step count) is saved alongside.
+    step: non-negative training step that names the checkpoint; must not exist yet.
+    max_to_keep: keep only the newest this many steps (``None`` keeps all).
+
+  Returns:
+    The path of the step's directory.
+
+  Raises:
+    ValueError: if ``step`` is negative or already saved, or ``model``/``optimizer`` have the
+      wrong type.
+  """
+  if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    raise ValueError(f"step must be a non-negative int; got {step!r}")
+  if max_to_keep is not None:
+    _checks.positive_int("max_to_keep", max_to_keep)
+  _check_modules(model, optimizer)
+  items = {MODEL: ocp.args.StandardSave(nnx.state(model))}
+  if optimizer is not None:
+    items[OPTIMIZER] = ocp.args.StandardSave(nnx.state(optimizer))
+  with _manager(directory, max_to_keep, create=True) as manager:
+    if step in manager.all_steps():
+      raise ValueError(f"step {step} already exists in {manager.directory}; pick a new step")
+    manager.save(step, args=ocp.args.Composite(**items))
+    manager.wait_until_finished()
+    return pathlib.Path(manager.directory) / str(step)
+
+
+def restore(directory, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,
+            step: int | None = None) -> int:
+  """Restores a step of ``directory`` into ``model`` (and ``optimizer``) in place.
+
+  The model (and optimizer) must have the structure and shapes of the saved ones, e.g. freshly
+  built from the same config; restored arrays take the dtypes and shardings of the arrays they
+  replace.
+
+  Args:
+    directory: checkpoint root written by :func:`save`.
+    model: module to overwrite.
+    optimizer: optional ``nnx.Optimizer`` to overwrite; the checkpoint must contain one.
+    step: step to restore; ``None`` takes the latest.
+
+  Returns:
+    The restored step.
+
+  Raises:
+    ValueError: if the directory has no checkpoint, ``step`` is not in it, an optimizer is
+      requested from a checkpoint saved without one, or the structures differ.
+  """
+  _check_modules(model, optimizer)
+  with _manager(directory) as manager:
+    steps = manager.all_steps()
+    if not steps:
+      raise ValueError(f"directory {manager.directory} holds no checkpoint")
+    if step is None:
+      step = manager.latest_step()
+    elif step not in steps:
+      raise ValueError(f"step {step!r} is not in {manager.directory}; saved steps are {sorted(steps)}")
+    saved_items = manager.item_metadata(step).keys()
+    targets = {MODEL: model}
+    if optimizer is not None:
+      if OPTIMIZER not in saved_items:
+        raise ValueError(f"optimizer given, but step {step} in {manager.directory} was saved "
+                         "without optimizer state")
+      targets[OPTIMIZER] = optimizer
+    args = {name: ocp.args.StandardRestore(nnx.state(module)) for name, module in targets.items()}
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**args))
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"checkpoint step {step} in {manager.directory} does not match the given "
+                       f"model/optimizer structure: {e}") from e
+  for name, module in targets.items():
+    nnx.update(module, restored[name])
+  return step
+
+
+def latest_step(directory) -> int | None:
+  """The newest step saved in ``directory``, or ``None`` when there is none."""
+  with _manager(directory) as manager:
+    return manager.latest_step()
+
+
+def _check_modules(model, optimizer):
+  if not isinstance(model, nnx.Module):
+    raise ValueError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
+  if optimizer is not None and not isinstance(optimizer, nnx.Optimizer):
+    raise ValueError(f"optimizer must be a flax.nnx.Optimizer or None; got {type(optimizer).__name__}")
