@@ -1,0 +1,280 @@
+"""ssmax.parallel and selective_scan(sequence_axis=...) on 4 fake CPU devices.
+
+The multi-device part needs XLA_FLAGS=--xla_force_host_platform_device_count=4 before jax is
+imported, which the pytest process has already done with one device. So this file also runs as a
+script: the `worker` fixture starts it once per session in a subprocess (``--worker DIR``) on
+inputs drawn here; the subprocess writes every multi-device result to DIR and the tests below
+compare them with float64 references (NumPy loop, float64 jax gradients) computed here, and with
+the same computation on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+DEVICES = 4
+SCAN_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
+BACKENDS = ["sequential", "associative"]
+# Scan cases: (name, mesh (data, seq), random_inputs kwargs, backends, with gradients).
+SCAN_CASES = {
+    "seq4": ((1, 4), dict(b=2, l=36, d=5, n=3, groups=5), BACKENDS, True),
+    "data2_seq2": ((2, 2), dict(b=2, l=38, d=5, n=3, groups=None), BACKENDS, True),
+    "complex_seq4": ((1, 4), dict(b=1, l=36, d=5, n=3, complex_a=True), ["sequential"], False),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The subprocess: everything that needs several devices.
+
+
+def _worker(out_dir: str) -> None:
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={DEVICES}")
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  from jax.sharding import PartitionSpec as P
+
+  import ssmax
+  from ssmax import parallel
+
+  assert jax.device_count() == DEVICES, jax.devices()
+  results, errors = {}, {}
+  for case, (mesh_shape, _, backends, with_grads) in SCAN_CASES.items():
+    data = np.load(os.path.join(out_dir, f"in_{case}.npz"))
+    kw = {k: data[k] for k in SCAN_NAMES if k in data}
+    mesh = parallel.make_mesh(*mesh_shape)
+    for backend in backends:
+      named = lambda a: dict(zip(SCAN_NAMES, a), delta_softplus=True, return_last_state=True,
+                             backend=backend)
+      multi = lambda *a: parallel.selective_scan(mesh, **named(a))
+      single = lambda *a: ssmax.selective_scan(**named(a))
+      args = [jnp.asarray(kw[k]) for k in SCAN_NAMES]
+      for tag, fn in (("multi", multi), ("single", single)):
+        if with_grads:  # outputs and gradients from one compiled function
+          def loss(*a, fn=fn):
+            y, last = fn(*a)
+            return jnp.sum(y * data["wy"]) + jnp.sum(last * data["wl"]), (y, last)
+
+          (_, (y, last)), grads = jax.jit(jax.value_and_grad(
+              loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
+          for name, g in zip(SCAN_NAMES, grads):
+            results[f"{case}/{backend}/{tag}/grad_{name}"] = g
+        else:
+          y, last = jax.jit(fn)(*args)
+        results[f"{case}/{backend}/{tag}/y"] = y
+        results[f"{case}/{backend}/{tag}/last"] = last
+
+  # The collectives on a known input: x[b, t, c] = 100 b + 10 t + c, length 4 * 3.
+  mesh = parallel.make_mesh(1, DEVICES)
+  x = jnp.asarray(np.arange(2)[:, None, None] * 100 + np.arange(12)[None, :, None] * 10
+                  + np.arange(3)[None, None, :], jnp.float32)
+  first = -jnp.ones((2, 2, 3), jnp.float32)
+  seq = P(None, "seq")
+  smap = lambda f, out=seq: jax.shard_map(f, mesh=mesh, in_specs=seq, out_specs=out)
+  results["halo"] = smap(lambda a: parallel.sequence_halo(a, 2, "seq"))(x)
+  results["halo_first"] = smap(lambda a: parallel.sequence_halo(a, 2, "seq", first))(x)
+  results["gather_then_piece"] = smap(
+      lambda a: parallel.local_piece(parallel.gather_sequence(a, "seq") * 2.0, "seq"))(x)
+  results["gathered"] = smap(lambda a: parallel.gather_sequence(a, "seq")[None], P("seq"))(x)
+  results["last_shard"] = smap(lambda a: parallel.last_shard(a[:, -1], "seq"), P())(x)
+
+  # Error messages that need a sharded mesh.
+  def error(name, fn):
+    try:
+      fn()
+      errors[name] = None
+    except ValueError as e:
+      errors[name] = str(e)
+
+  kw = {k: jnp.asarray(v) for k, v in np.load(os.path.join(out_dir, "in_seq4.npz")).items()
+        if k in SCAN_NAMES}
+  cut = {k: (v[:, :35] if v.ndim >= 3 and k != "initial_state" else v) for k, v in kw.items()}
+  error("length_not_divisible", lambda: parallel.selective_scan(mesh, **cut))
+  mesh22 = parallel.make_mesh(2, 2)
+  odd_batch = {k: (v[:1] if v.ndim >= 3 else v) for k, v in kw.items()}
+  error("batch_not_divisible", lambda: parallel.selective_scan(mesh22, **odd_batch))
+  error("axis_not_in_mesh", lambda: parallel.selective_scan(mesh, **kw, sequence_axis="time"))
+  error("same_axis", lambda: parallel.selective_scan(mesh, **kw, data_axis="seq"))
+  error("halo_too_wide", lambda: smap(lambda a: parallel.sequence_halo(a, 4, "seq"))(x))
+  error("shard_batch_not_divisible",
+        lambda: parallel.shard_batch(mesh22, {"tokens": np.zeros((3, 8), np.int32)}))
+  error("make_mesh_too_many", lambda: parallel.make_mesh(2, 4))
+
+  np.savez(os.path.join(out_dir, "results.npz"), **{k: np.asarray(v) for k, v in results.items()})
+  with open(os.path.join(out_dir, "errors.json"), "w") as f:
+    json.dump(errors, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tests, in the pytest process.
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+  from scan_oracle import random_inputs
+
+  out = tmp_path_factory.mktemp("parallel")
+  seed = int(np.random.SeedSequence().entropy % (2**31))
+  print(f"seed={seed}")
+  inputs = {}
+  for i, (case, (_, kw, _, _)) in enumerate(SCAN_CASES.items()):
+    data = random_inputs(seed + i, **kw)
+    rng = np.random.default_rng(seed + 100 + i)
+    data["wy"] = rng.normal(size=data["u"].shape).astype(np.float32)
+    data["wl"] = rng.normal(size=data["initial_state"].shape).astype(np.float32)
+    np.savez(out / f"in_{case}.npz", **{k: v for k, v in data.items() if k != "delta_softplus"})
+    inputs[case] = data
+  proc = subprocess.run([sys.executable, __file__, "--worker", str(out)], capture_output=True,
+                        text=True, timeout=300, cwd=os.path.dirname(__file__))
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  results = dict(np.load(out / "results.npz"))
+  errors = json.loads((out / "errors.json").read_text())
+  return inputs, results, errors
+
+
+def _rel(got, want) -> float:
+  from scan_oracle import rel_err
+
+  return rel_err(got, want)
+
+
+def _scan_params():
+  return [(case, backend) for case, (_, _, backends, _) in SCAN_CASES.items()
+          for backend in backends]
+
+
+@pytest.mark.parametrize("case,backend", _scan_params())
+def test_sequence_parallel_scan_matches_float64_loop(worker, case, backend):
+  from scan_oracle import numpy_scan
+
+  inputs, results, _ = worker
+  kw = {k: inputs[case][k] for k in SCAN_NAMES}
+  y_ref, last_ref = numpy_scan(**kw, delta_softplus=True)
+  y = results[f"{case}/{backend}/multi/y"]
+  last = results[f"{case}/{backend}/multi/last"]
+  assert y.shape == y_ref.shape and last.shape == last_ref.shape
+  assert _rel(y, y_ref) < 2e-4
+  assert _rel(last, last_ref) < 2e-4
+
+
+@pytest.mark.parametrize("case,backend", _scan_params())
+def test_sequence_parallel_scan_matches_one_device(worker, case, backend):
+  _, results, _ = worker
+  for what in ("y", "last"):
+    multi = results[f"{case}/{backend}/multi/{what}"]
+    single = results[f"{case}/{backend}/single/{what}"]
+    assert multi.dtype == single.dtype, what
+    assert _rel(multi, single) < 1e-5, what
+
+
+@pytest.mark.parametrize("case,backend", [p for p in _scan_params() if SCAN_CASES[p[0]][3]])
+def test_sequence_parallel_gradients(worker, case, backend):
+  import jax
+  import jax.numpy as jnp
+  from scan_oracle import jax64_scan
+
+  inputs, results, _ = worker
+  data = inputs[case]
+  with jax.enable_x64(True):
+    def loss(*args):
+      y, last = jax64_scan(**dict(zip(SCAN_NAMES, args)), delta_softplus=True)
+      return jnp.sum(y * data["wy"]) + jnp.sum(last * data["wl"])
+
+    args = [jnp.asarray(data[k], jnp.float64) for k in SCAN_NAMES]
+    grads64 = jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+    grads64 = [np.asarray(g) for g in grads64]
+  for name, g64 in zip(SCAN_NAMES, grads64):
+    multi = results[f"{case}/{backend}/multi/grad_{name}"]
+    single = results[f"{case}/{backend}/single/grad_{name}"]
+    assert multi.shape == g64.shape, name
+    assert _rel(multi, g64) < 1e-3, name
+    assert _rel(multi, single) < 1e-5, name
+
+
+def test_halo_passes_previous_shards_tail(worker):
+  _, results, _ = worker
+  x = (np.arange(2)[:, None, None] * 100 + np.arange(12)[None, :, None] * 10
+       + np.arange(3)[None, None, :]).astype(np.float32)
+  # Shard i (steps 3i..3i+2) receives steps 3i-2, 3i-1; shard 0 zeros, or `first` (-1).
+  want = np.concatenate([np.zeros((2, 2, 3))] + [x[:, 3 * i - 2:3 * i] for i in (1, 2, 3)], 1)
+  np.testing.assert_array_equal(results["halo"], want)
+  want[:, :2] = -1.0
+  np.testing.assert_array_equal(results["halo_first"], want)
+  np.testing.assert_array_equal(results["gathered"], np.stack([x] * 4))  # one copy per shard
+  np.testing.assert_array_equal(results["gather_then_piece"], 2 * x)
+  np.testing.assert_array_equal(results["last_shard"], x[:, -1])
+
+
+@pytest.mark.parametrize("name,match", [
+    ("length_not_divisible", r"u's length \(axis 1\) must be divisible by the size 4 of mesh axis "
+                             r"'seq'; got shape \(2, 35, 5\)"),
+    ("batch_not_divisible", r"u's batch \(axis 0\) must be divisible by the size 2 of mesh axis "
+                            r"'data'; got shape \(1, 36, 5\)"),
+    ("axis_not_in_mesh", r"sequence_axis='time' is not an axis of the mesh"),
+    ("same_axis", r"data_axis and sequence_axis must be different mesh axes"),
+    ("halo_too_wide", r"x must hold at least width=4 steps per shard"),
+    ("shard_batch_not_divisible", r"batch\['tokens'\]'s batch \(axis 0\) must be divisible by "
+                                  r"the size 2"),
+    ("make_mesh_too_many", r"data \* seq = 8 exceeds the 4 available devices"),
+])
+def test_multi_device_errors(worker, name, match):
+  import re
+
+  _, _, errors = worker
+  assert errors[name] is not None, f"{name} raised no ValueError"
+  assert re.search(match, errors[name]), errors[name]
+
+
+# Errors that need no second device: in this process.
+
+
+def test_sequence_axis_outside_shard_map_is_an_error():
+  import ssmax
+  from scan_oracle import random_inputs
+
+  kw = random_inputs(0, b=1, l=8, d=5, n=3)
+  with pytest.raises(ValueError, match=r"sequence_axis='seq' is not an axis bound here"):
+    ssmax.selective_scan(**kw, sequence_axis="seq")
+
+
+def test_sequence_axis_must_be_a_name():
+  import ssmax
+  from scan_oracle import random_inputs
+
+  kw = random_inputs(0, b=1, l=8, d=5, n=3)
+  with pytest.raises(ValueError, match=r"sequence_axis must be a mesh axis name \(str\) or None; "
+                                       r"got 3"):
+    ssmax.selective_scan(**kw, sequence_axis=3)
+
+
+def test_collective_outside_shard_map_is_an_error():
+  import jax.numpy as jnp
+
+  from ssmax import parallel
+
+  with pytest.raises(ValueError, match=r"axis_name='seq' is not bound here"):
+    parallel.sequence_halo(jnp.zeros((1, 8, 3)), 2, "seq")
+
+
+def test_mesh_argument_must_be_a_mesh():
+  from ssmax import parallel
+  from scan_oracle import random_inputs
+
+  kw = random_inputs(0, b=1, l=8, d=5, n=3)
+  with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh; got str"):
+    parallel.selective_scan("mesh", **kw)
+
+
+if __name__ == "__main__":
+  if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    _worker(sys.argv[2])
+  else:
+    sys.exit(f"usage: {sys.argv[0]} --worker DIR (run the tests with pytest)")
