@@ -8,6 +8,7 @@ from ssmax.nn.generate import generate, sample_logits
 from ssmax.nn.lm import MambaLM
 from ssmax.nn.mixer import MambaMixer, MixerState
 from ssmax.nn.norm import RMSNorm
+from ssmax.nn.s4 import S4DLayer, S4Layer
 
 __all__ = [
     "Block",
@@ -17,6 +18,8 @@ __all__ = [
     "MambaMixer",
     "MixerState",
     "RMSNorm",
+    "S4DLayer",
+    "S4Layer",
     "generate",
     "sample_logits",
 ]

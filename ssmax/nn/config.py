@@ -44,6 +44,7 @@ class MambaConfig:
     tie_embeddings: the LM head is the transposed embedding.
     gated: multiply the SSM output by ``SiLU(z)``; False drops the ``z`` branch.
     ssm: ``"selective"`` (Mamba's S6) or ``"s4d"`` (an LTI diagonal SSM, convolution mode).
+    s4d_init: with ``ssm="s4d"``: ``"real"`` (S4D-Real), ``"lin"`` or ``"inv"`` (complex).
     scan_backend: backend handed to :func:`ssmax.selective_scan`.
     dtype: compute dtype of activations.
     param_dtype: dtype of the parameters.
@@ -70,6 +71,7 @@ class MambaConfig:
   tie_embeddings: bool = True
   gated: bool = True
   ssm: str = "selective"
+  s4d_init: str = "real"
   scan_backend: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -83,6 +85,7 @@ class MambaConfig:
     check_dt_range(self.dt_min, self.dt_max, self.dt_init_floor)
     _checks.one_of("dt_init", self.dt_init, DT_INITS)
     _checks.one_of("ssm", self.ssm, SSM_KINDS)
+    _checks.one_of("s4d_init", self.s4d_init, ("real", "lin", "inv"))
     _checks.one_of("scan_backend", self.scan_backend, BACKENDS)
     if not self.norm_epsilon > 0:
       raise ValueError(f"norm_epsilon must be > 0; got {self.norm_epsilon!r}")

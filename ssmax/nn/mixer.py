@@ -21,8 +21,9 @@ ssmax                 shape                          mamba_ssm (PyTorch)
 
 ``x_proj``'s output splits as ``[Δ (dt_rank), B (N), C (N)]`` and ``in_proj``'s as ``[x, z]``, as in
 the official code. With ``ssm="s4d"`` the inner SSM is linear time-invariant instead: per-channel
-learned ``log_dt``, ``A_log`` (and ``A_imag`` for a complex init), ``B`` and ``C``; there is no
-``x_proj`` or ``dt_proj`` and the SSM runs as an FFT convolution with an :mod:`ssmax.lti` kernel.
+learned Δ, A, B, C and D in an :class:`~ssmax.nn.S4DLayer` attribute ``s4d`` (S4D-Real init by
+default); there is no ``x_proj``, ``dt_proj``, ``A_log`` or ``D`` and the SSM runs as an FFT
+convolution with an :mod:`ssmax.lti` kernel.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from flax import nnx
 from ssmax import _checks
 from ssmax.nn import init as inits
 from ssmax.nn.config import DT_INITS, SSM_KINDS, MambaConfig, check_dt_range, resolve_dt_rank
+from ssmax.nn.s4 import S4D_INITS, S4DLayer
 from ssmax.scan import BACKENDS, selective_scan
 
 
@@ -45,8 +47,8 @@ class MixerState(NamedTuple):
   Attributes:
     conv: ``(batch, d_conv, d_inner)`` the last ``d_conv`` inputs of the convolution, oldest first
       (zeros before the sequence starts), in the compute dtype.
-    ssm: ``(batch, d_inner, d_state)`` SSM state after the last token, float32 (complex64 for a
-      complex ``s4d`` init).
+    ssm: ``(batch, d_inner, d_state)`` SSM state after the last token, float32; with ``ssm="s4d"``
+      the :class:`S4DLayer`'s state ``(batch, d_inner, modes)`` (complex64 for a complex init).
   """
 
   conv: jax.Array
@@ -63,7 +65,8 @@ class MambaMixer(nnx.Module):
                dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
                conv_bias: bool = True, bias: bool = False, gated: bool = True,
-               ssm: str = "selective", n_layer: int = 1, scan_backend: str = "auto",
+               ssm: str = "selective", s4d_init: str = "real", n_layer: int = 1,
+               scan_backend: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     """Builds the mixer with the official initialisation.
 
@@ -77,7 +80,8 @@ class MambaMixer(nnx.Module):
       conv_bias: bias in ``conv1d``.
       bias: bias in ``in_proj`` and ``out_proj`` (initialised to zero, as the official LM does).
       gated: gate the SSM output with ``SiLU(z)``; False drops the ``z`` half of ``in_proj``.
-      ssm: ``"selective"`` (S6) or ``"s4d"`` (LTI, S4D-Real A, convolution mode).
+      ssm: ``"selective"`` (S6) or ``"s4d"`` (an :class:`S4DLayer`: LTI, convolution mode).
+      s4d_init: the S4D layer's init, ``"real"``, ``"lin"`` or ``"inv"`` (with ``ssm="s4d"``).
       n_layer: ``out_proj``'s init is divided by ``sqrt(n_layer)`` (the official LM's rescaling of
         residual branches; 1 leaves PyTorch's default).
       scan_backend: backend for :func:`ssmax.selective_scan`.
@@ -90,6 +94,7 @@ class MambaMixer(nnx.Module):
     check_dt_range(dt_min, dt_max, dt_init_floor)
     _checks.one_of("dt_init", dt_init, DT_INITS)
     _checks.one_of("ssm", ssm, SSM_KINDS)
+    _checks.one_of("s4d_init", s4d_init, S4D_INITS)
     _checks.one_of("scan_backend", scan_backend, BACKENDS)
     self.d_model = d_model
     self.d_state = d_state
@@ -120,14 +125,16 @@ class MambaMixer(nnx.Module):
       self.dt_proj = nnx.Linear(dt_rank, d_inner, use_bias=True, kernel_init=dt_kernel_init,
                                 bias_init=inits.mamba_dt_bias(dt_min, dt_max, dt_init_floor),
                                 **linear)
+      self.A_log = nnx.Param(inits.mamba_A_log(d_inner, d_state, param_dtype))
+      self.D = nnx.Param(jnp.ones((d_inner,), param_dtype))
+      self.state_shape = (d_inner, d_state)
+      self.state_dtype = jnp.float32
     else:
-      key = rngs.params()
-      self.log_dt = nnx.Param(jnp.log(inits.log_uniform(key, (d_inner,), dt_min, dt_max))
-                              .astype(param_dtype))
-      self.B = nnx.Param(jnp.ones((d_inner, d_state), param_dtype))
-      self.C = nnx.Param(jax.random.normal(rngs.params(), (d_inner, d_state), param_dtype))
-    self.A_log = nnx.Param(inits.mamba_A_log(d_inner, d_state, param_dtype))
-    self.D = nnx.Param(jnp.ones((d_inner,), param_dtype))
+      # Δ, A, B, C, D are the S4D layer's own, not functions of the input.
+      self.s4d = S4DLayer(d_inner, d_state=d_state, init=s4d_init, dt_min=dt_min, dt_max=dt_max,
+                          param_dtype=param_dtype, rngs=rngs)
+      self.state_shape = (d_inner, self.s4d.modes)
+      self.state_dtype = self.s4d.init_state(1).dtype
     self.out_proj = nnx.Linear(d_inner, d_model, use_bias=bias,
                                kernel_init=inits.torch_uniform(d_inner, n_layer**-0.5),
                                bias_init=jax.nn.initializers.zeros, **linear)
@@ -139,8 +146,8 @@ class MambaMixer(nnx.Module):
     return cls(c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, dt_rank=c.dt_rank,
                dt_min=c.dt_min, dt_max=c.dt_max, dt_init=c.dt_init, dt_scale=c.dt_scale,
                dt_init_floor=c.dt_init_floor, conv_bias=c.conv_bias, bias=c.bias, gated=c.gated,
-               ssm=c.ssm, n_layer=c.n_layer, scan_backend=c.scan_backend, dtype=c.dtype,
-               param_dtype=c.param_dtype, rngs=rngs)
+               ssm=c.ssm, s4d_init=c.s4d_init, n_layer=c.n_layer, scan_backend=c.scan_backend,
+               dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
 
   # --------------------------------------------------------------------------------------------
 
@@ -148,7 +155,7 @@ class MambaMixer(nnx.Module):
     """Zero state: ``conv`` ``(batch, d_conv, d_inner)``, ``ssm`` ``(batch, d_inner, d_state)``."""
     _checks.positive_int("batch", batch)
     return MixerState(jnp.zeros((batch, self.d_conv, self.d_inner), self.dtype),
-                      jnp.zeros((batch, self.d_inner, self.d_state), jnp.float32))
+                      jnp.zeros((batch,) + self.state_shape, self.state_dtype))
 
   def __call__(self, x: jax.Array, state: MixerState | None = None, *,
                return_state: bool = False):
@@ -180,7 +187,9 @@ class MambaMixer(nnx.Module):
                                delta_softplus=True, initial_state=state.ssm,
                                return_last_state=True, backend=self.scan_backend)
     else:
-      y, last = self._lti(u, z, state.ssm)
+      y, last = self.s4d(u, state.ssm, return_state=True)
+      if z is not None:
+        y = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
     out = self.out_proj(y.astype(self.dtype))
     if not return_state:
       return out
@@ -216,11 +225,9 @@ class MambaMixer(nnx.Module):
       h = (jnp.exp(dt[..., None] * A) * state.ssm
            + (dt * u32)[..., None] * B.astype(jnp.float32)[:, None, :])
       y = jnp.sum(h * C.astype(jnp.float32)[:, None, :], axis=-1)
+      y = y + self.D[...].astype(jnp.float32) * u32
     else:
-      Ab, Bb, C = self._lti_discrete()
-      h = Ab * state.ssm + Bb * u32[..., None]
-      y = jnp.sum(h * C, axis=-1).real
-    y = y + self.D[...].astype(jnp.float32) * u32
+      y, h = self.s4d.step(state.ssm, u32)
     if z is not None:
       y = y * jax.nn.silu(z.astype(jnp.float32))
     return self.out_proj(y.astype(self.dtype)), MixerState(conv, h)
@@ -236,7 +243,7 @@ class MambaMixer(nnx.Module):
       raise ValueError(f"state must be a MixerState; got {type(state).__name__}")
     _checks.shape("state.conv", state.conv, (batch, self.d_conv, self.d_inner),
                   "(batch, d_conv, d_inner)")
-    _checks.shape("state.ssm", state.ssm, (batch, self.d_inner, self.d_state),
+    _checks.shape("state.ssm", state.ssm, (batch,) + self.state_shape,
                   "(batch, d_inner, d_state)")
     return state
 

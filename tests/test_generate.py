@@ -1,0 +1,248 @@
+"""Recurrent inference: step == forward, prefill + cache, greedy generation, sampling, cache size."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssmax import nn as snn
+from ssmax.nn import cache as cache_lib
+
+TINY = dict(d_model=5, n_layer=2, vocab_size=37, d_state=3, d_conv=3)
+
+
+def make_model(seed=0, **overrides):
+  cfg = snn.MambaConfig(**{**TINY, **overrides})
+  model = snn.MambaLM(cfg, rngs=nnx.Rngs(seed))
+  # Larger weights than the init so that logits differ clearly between tokens.
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+  nnx.update(model, jax.tree.unflatten(
+      treedef, [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]))
+  return model
+
+
+@jax.jit
+def forward(model, tokens):
+  return model(tokens)
+
+
+@jax.jit
+def step_all(model, tokens):
+  """Feeds ``tokens`` (batch, length) one at a time through ``step``; logits (batch, length, V)."""
+
+  def body(cache, token):
+    logits, cache = model.step(cache, token)
+    return cache, logits
+
+  _, logits = jax.lax.scan(body, model.init_cache(tokens.shape[0]), tokens.T)
+  return jnp.swapaxes(logits, 0, 1)
+
+
+@functools.partial(jax.jit, static_argnames="split")
+def prefill_then_steps(model, tokens, split):
+  last, cache = model.prefill(tokens[:, :split])
+
+  def body(cache, token):
+    logits, cache = model.step(cache, token)
+    return cache, logits
+
+  _, logits = jax.lax.scan(body, cache, tokens[:, split:].T)
+  return last, jnp.swapaxes(logits, 0, 1)
+
+
+def tokens_for(model, shape, seed):
+  return jax.random.randint(jax.random.key(seed), shape, 0, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    dict(gated=False, scan_backend="sequential"),
+    dict(ssm="s4d", s4d_init="real", d_state=3),
+    dict(ssm="s4d", s4d_init="lin", d_state=4),
+])
+def test_step_logits_equal_forward_logits(overrides):
+  model = make_model(1, **overrides)
+  tokens = tokens_for(model, (3, 13), 2)
+  full = forward(model, tokens)
+  np.testing.assert_allclose(step_all(model, tokens), full, rtol=2e-4, atol=2e-5)
+  last, rest = prefill_then_steps(model, tokens, 6)
+  np.testing.assert_allclose(last, full[:, 5], rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(rest, full[:, 6:], rtol=2e-4, atol=2e-5)
+
+
+def test_forward_continues_from_a_cache():
+  model = make_model(3)
+  tokens = tokens_for(model, (2, 11), 4)
+  _, cache = jax.jit(lambda m, t: m.prefill(t))(model, tokens[:, :4])
+  logits, cache2 = jax.jit(lambda m, t, c: m(t, c, return_cache=True))(model, tokens[:, 4:], cache)
+  full, cache_full = jax.jit(lambda m, t: m(t, return_cache=True))(model, tokens)
+  np.testing.assert_allclose(logits, full[:, 4:], rtol=2e-4, atol=2e-5)
+  for a, b in zip(jax.tree.leaves(cache2), jax.tree.leaves(cache_full)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_prefill_cache_holds_the_last_conv_inputs():
+  model = make_model(5)
+  tokens = tokens_for(model, (2, 2), 6)  # shorter than d_conv: the state is left-padded with zeros
+  _, cache = model.prefill(tokens)
+  conv = np.asarray(cache.layers[0].conv)
+  mixer = model.layers[0].mixer
+  x = model.embedding(tokens).astype(jnp.float32)
+  xs = np.asarray(mixer.in_proj(model.layers[0].norm(x)))[..., :mixer.d_inner]
+  np.testing.assert_array_equal(conv[:, 0], 0.0)
+  np.testing.assert_allclose(conv[:, 1:], xs, rtol=1e-6)
+
+
+def greedy_by_full_forward(model, prompt, new):
+  """Greedy continuation by re-running the full model on a fixed-length buffer (causal)."""
+  b, p = prompt.shape
+  buf = jnp.zeros((b, p + new), jnp.int32).at[:, :p].set(prompt)
+  for t in range(p, p + new):
+    logits = forward(model, buf)[:, t - 1, :model.config.vocab_size]
+    buf = buf.at[:, t].set(jnp.argmax(logits, axis=-1))
+  return buf
+
+
+def test_greedy_generate_equals_argmax_of_full_forwards():
+  model = make_model(7)
+  prompt = tokens_for(model, (3, 5), 8)
+  out = model.generate(prompt, 9)
+  assert out.shape == (3, 14) and out.dtype == jnp.int32
+  np.testing.assert_array_equal(out[:, :5], prompt)
+  np.testing.assert_array_equal(out, greedy_by_full_forward(model, prompt, 9))
+  # Batched decoding equals decoding each row alone.
+  np.testing.assert_array_equal(snn.generate(model, prompt[1:2], 9), out[1:2])
+  np.testing.assert_array_equal(model.generate(prompt, 0), prompt)
+
+
+def test_generate_never_draws_padded_vocab_ids():
+  model = make_model(9)
+  emb = model.embedding.embedding
+  # Make the padding rows (37..39) the most likely tokens by far.
+  emb[...] = emb[...].at[37:].set(100.0 * emb[...][:1])
+  prompt = tokens_for(model, (2, 3), 10)
+  assert int(jnp.argmax(forward(model, prompt)[0, -1])) >= 37
+  out = model.generate(prompt, 5, key=jax.random.key(0), temperature=1.0)
+  assert int(out.max()) < 37
+  assert int(model.generate(prompt, 5).max()) < 37
+
+
+def test_sampling_settings():
+  model = make_model(11)
+  prompt = tokens_for(model, (4, 3), 12)
+  greedy = model.generate(prompt, 6)
+  key = jax.random.key(13)
+  np.testing.assert_array_equal(model.generate(prompt, 6, key=key, temperature=0.7, top_k=1), greedy)
+  np.testing.assert_array_equal(model.generate(prompt, 6, key=key, temperature=2.0, top_p=1e-6),
+                                greedy)
+  a = model.generate(prompt, 6, key=key, temperature=1.5)
+  np.testing.assert_array_equal(a, model.generate(prompt, 6, key=key, temperature=1.5))
+  assert not np.array_equal(a, model.generate(prompt, 6, key=jax.random.key(14), temperature=1.5))
+
+
+def test_sample_logits_distribution():
+  logits = jnp.log(jnp.array([0.5, 0.25, 0.15, 0.07, 0.03]))
+  rows = jnp.broadcast_to(logits, (20000, 5))
+  key = jax.random.key(15)
+
+  def freq(**kw):
+    draws = np.asarray(jax.jit(functools.partial(snn.sample_logits, **kw))(rows, key))
+    return np.bincount(draws, minlength=5) / len(draws)
+
+  np.testing.assert_allclose(freq(temperature=1.0), [0.5, 0.25, 0.15, 0.07, 0.03], atol=0.015)
+  np.testing.assert_allclose(freq(temperature=1.0, top_k=2), [2 / 3, 1 / 3, 0, 0, 0], atol=0.015)
+  # top_p=0.8 keeps the first three (0.5 + 0.25 < 0.8 <= 0.9).
+  np.testing.assert_allclose(freq(temperature=1.0, top_p=0.8), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9,
+                                                                0, 0], atol=0.015)
+  p2 = np.array([0.5, 0.25, 0.15, 0.07, 0.03]) ** 2
+  np.testing.assert_allclose(freq(temperature=0.5), p2 / p2.sum(), atol=0.015)
+  np.testing.assert_array_equal(snn.sample_logits(rows[:3], None), [0, 0, 0])
+
+
+def test_cache_size_does_not_grow_with_tokens():
+  model = make_model(16)
+  cfg = model.config
+  d_inner = cfg.d_inner
+  want = cfg.n_layer * 2 * 4 * (cfg.d_conv * d_inner + d_inner * cfg.d_state)
+  sizes = []
+  for length in (1, 7, 40):
+    _, cache = jax.eval_shape(lambda m, t: m.prefill(t), model, jnp.zeros((2, length), jnp.int32))
+    sizes.append(cache_lib.nbytes(cache))
+  cache = model.init_cache(2)
+  assert cache_lib.nbytes(cache) == want
+  for _ in range(3):
+    _, cache = jax.eval_shape(lambda m, c, t: m.step(c, t), model, cache, jnp.zeros((2,), jnp.int32))
+    sizes.append(cache_lib.nbytes(cache))
+  assert sizes == [want] * 6
+  # The decode loop's carry is the cache: its shapes do not depend on max_new_tokens.
+  for new in (2, 30):
+    out = jax.eval_shape(functools.partial(snn.generate, max_new_tokens=new), model,
+                         jnp.zeros((2, 3), jnp.int32))
+    assert out.shape == (2, 3 + new)
+
+
+def test_step_under_vmap_and_jit():
+  model = make_model(17)
+  tokens = tokens_for(model, (3, 4), 18)
+  graphdef, state = nnx.split(model)
+
+  def one(seq):  # a single sequence, batch of one inside
+    m = nnx.merge(graphdef, state)
+    cache = m.init_cache(1)
+    out = []
+    for t in range(seq.shape[0]):
+      logits, cache = m.step(cache, seq[t:t + 1])
+      out.append(logits[0])
+    return jnp.stack(out)
+
+  np.testing.assert_allclose(jax.jit(jax.vmap(one))(tokens), forward(model, tokens), rtol=2e-4,
+                             atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors.
+
+
+def test_generate_errors_name_the_argument():
+  model = make_model(19)
+  prompt = jnp.zeros((2, 3), jnp.int32)
+  with pytest.raises(ValueError, match="key must be a PRNG key when temperature > 0"):
+    model.generate(prompt, 2, temperature=0.5)
+  with pytest.raises(ValueError, match="temperature must be a float >= 0; got -1.0"):
+    model.generate(prompt, 2, temperature=-1.0)
+  with pytest.raises(ValueError, match=r"top_p must be a float in \(0, 1\]; got 0.0"):
+    model.generate(prompt, 2, key=jax.random.key(0), temperature=1.0, top_p=0.0)
+  with pytest.raises(ValueError, match="top_k must be <= vocab_size=37; got 40"):
+    model.generate(prompt, 2, key=jax.random.key(0), temperature=1.0, top_k=40)
+  with pytest.raises(ValueError, match="top_k must be a positive integer; got 0"):
+    model.generate(prompt, 2, key=jax.random.key(0), temperature=1.0, top_k=0)
+  with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer; got -1"):
+    model.generate(prompt, -1)
+  with pytest.raises(ValueError, match="prompt must have an integer dtype; got float32"):
+    model.generate(prompt.astype(jnp.float32), 2)
+  with pytest.raises(ValueError, match=r"prompt must have rank 2 \(batch, prompt_length\)"):
+    model.generate(prompt[0], 2)
+  with pytest.raises(ValueError, match=r"prompt must lie in \[0, 40\); got values in \[-1, 0\]"):
+    model.generate(prompt.at[0, 0].set(-1), 2)
+
+
+def test_step_errors_name_the_argument():
+  model = make_model(20)
+  cache = model.init_cache(2)
+  with pytest.raises(ValueError, match=r"token must have rank 1 \(batch,\); got shape \(2, 1\)"):
+    model.step(cache, jnp.zeros((2, 1), jnp.int32))
+  with pytest.raises(ValueError, match="token must have an integer dtype; got float32"):
+    model.step(cache, jnp.zeros((2,), jnp.float32))
+  with pytest.raises(ValueError, match="cache must be a MambaCache; got None"):
+    model.step(None, jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match=r"state.conv must have shape \(3, 3, 10\)"):
+    model.step(cache, jnp.zeros((3,), jnp.int32))
+  with pytest.raises(ValueError, match="cache must hold 2 layer states; got 1"):
+    model.step(snn.MambaCache(cache.layers[:1]), jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match="batch must be a positive integer; got 0"):
+    model.init_cache(0)
