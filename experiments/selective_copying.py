@@ -1,0 +1,148 @@
+r"""Selective Copying (Mamba paper, section 4.1.1, Table 1): LTI (S4) against selective (S6) SSMs.
+
+    python -m experiments.selective_copying --preset=quick        # CPU, a few minutes
+    python -m experiments.selective_copying --preset=paper        # length 4096, 400K steps
+
+Trains each model of ``--models`` with the same data stream, prints a Markdown table, and writes
+into ``--out_dir``: ``results.md``, ``results.json``, ``accuracy_vs_step.png`` and, per model,
+``<model>/metrics.jsonl`` and ``<model>/checkpoints/`` (with ``--checkpoint_every``; ``--resume``
+continues from the latest checkpoint of each model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+from absl import app, flags
+from flax import nnx
+
+from experiments import models, plotting, tasks, train
+
+# Mamba paper, Table 1 (accuracy %, length 4096, 16 data tokens).
+PAPER_ACCURACY = {"s4": 18.3, "s6": 97.0, "mamba_s4": 56.4, "mamba_s6": 99.8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  task: tasks.SelectiveCopying
+  shape: models.ModelShape
+  models: tuple[str, ...]
+  steps: int
+  batch_size: int
+  learning_rate: float
+  log_every: int
+  eval_every: int
+  eval_examples: int
+  checkpoint_every: int
+
+
+PRESETS = {
+    # Short sequences and a small model so that two models train in a few CPU minutes; the
+    # selective model already solves it while the LTI one stays near chance.
+    "quick": Preset(task=tasks.SelectiveCopying(length=128, num_tokens=4, vocab_size=16),
+                    shape=models.ModelShape(vocab_size=16, d_model=32, n_layer=2, d_state=16,
+                                            scan_backend="sequential"),
+                    models=("s4", "mamba_s6"), steps=1500, batch_size=32, learning_rate=3e-3,
+                    log_every=50, eval_every=500, eval_examples=256, checkpoint_every=0),
+    # Appendix E.1: length 4096, vocabulary 16, 16 data tokens, 2 layers, D = 64, batch 64,
+    # constant learning rate 1e-4, 400K steps.
+    "paper": Preset(task=tasks.SelectiveCopying(length=4096, num_tokens=16, vocab_size=16),
+                    shape=models.ModelShape(vocab_size=16, d_model=64, n_layer=2, d_state=16),
+                    models=("s4", "s6", "mamba_s4", "mamba_s6"), steps=400_000, batch_size=64,
+                    learning_rate=1e-4, log_every=100, eval_every=10_000, eval_examples=1024,
+                    checkpoint_every=10_000),
+}
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = False,
+        progress: bool = True) -> dict:
+  """Trains every model of ``preset``; writes the table, JSON and plot; returns the results."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  t_start = time.perf_counter()
+  results, histories = {}, {}
+  for name in preset.models:
+    config = train.TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
+                               learning_rate=preset.learning_rate, seed=seed,
+                               log_every=preset.log_every, eval_every=preset.eval_every,
+                               eval_examples=preset.eval_examples,
+                               checkpoint_every=preset.checkpoint_every, resume=resume,
+                               progress=progress)
+    res = train.train(lambda rngs, name=name: models.make_model(name, preset.shape, rngs), preset.task,
+                      config, out_dir / name, name=name)
+    histories[models.LABELS[name]] = res.records
+    results[name] = {"label": models.LABELS[name], "accuracy": res.final_accuracy, "loss": res.final_loss,
+                     "params": count_params(res.model), "steps": preset.steps,
+                     "train_seconds": round(res.train_seconds, 1),
+                     "paper_accuracy": PAPER_ACCURACY.get(name)}
+  task = preset.task
+  rows = [[r["label"], f"{r['params']:,}", r["steps"], r["train_seconds"], f"{100 * r['accuracy']:.1f}",
+           r["paper_accuracy"]] for r in results.values()]
+  table = plotting.markdown_table(
+      ["Model", "Params", "Steps", "Train time (s)", "Accuracy (%)", "Paper, length 4096 (%)"], rows)
+  header = (f"Selective Copying: length {task.length}, {task.num_tokens} data tokens, vocabulary "
+            f"{task.vocab_size}; {preset.shape.n_layer} layers, d_model {preset.shape.d_model}, batch "
+            f"{preset.batch_size}, Adam lr {preset.learning_rate}, seed {seed}, {jax.device_count()} "
+            f"{jax.devices()[0].platform} device(s). Chance: {100 * task.chance_accuracy:.1f}%.")
+  (out_dir / "results.md").write_text(f"{header}\n\n{table}\n")
+  (out_dir / "results.json").write_text(json.dumps(
+      {"task": dataclasses.asdict(task), "shape": dataclasses.asdict(preset.shape), "seed": seed,
+       "batch_size": preset.batch_size, "learning_rate": preset.learning_rate, "models": results,
+       "wall_seconds": round(time.perf_counter() - t_start, 1)}, indent=2))
+  plotting.plot_accuracy_vs_step(histories, out_dir / "accuracy_vs_step.png",
+                                 title=f"Selective Copying (length {task.length})",
+                                 chance=task.chance_accuracy)
+  print(f"\n{header}\n\n{table}\n\nwrote {out_dir}/results.md, results.json, accuracy_vs_step.png")
+  return results
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", "quick", list(PRESETS), "quick: CPU minutes; paper: appendix E.1 sizes.")
+flags.DEFINE_list("models", None, f"Models to train, from {list(models.SSM_MODELS)}; default: the preset's.")
+flags.DEFINE_integer("steps", None, "Training steps per model; default: the preset's.")
+flags.DEFINE_integer("batch_size", None, "Global batch size; default: the preset's.")
+flags.DEFINE_float("learning_rate", None, "Constant Adam learning rate; default: the preset's.")
+flags.DEFINE_integer("seed", 0, "Seed of the parameters and the data stream.")
+flags.DEFINE_string("out_dir", None, "Output directory; default runs/selective_copying_<preset>.")
+flags.DEFINE_bool("resume", False, "Continue each model from its latest checkpoint in --out_dir.")
+flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints (0: none); default: the preset's.")
+flags.DEFINE_integer("eval_every", None, "Steps between validation evaluations; default: the preset's.")
+flags.DEFINE_string("scan_backend", None, "Selective scan backend (auto, sequential, associative, "
+                    "pallas); default: the preset's.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def preset_from_flags() -> Preset:
+  preset = PRESETS[FLAGS.preset]
+  changes = {k: getattr(FLAGS, k) for k in ("steps", "batch_size", "learning_rate", "checkpoint_every",
+                                            "eval_every") if getattr(FLAGS, k) is not None}
+  if FLAGS.models:
+    for name in FLAGS.models:
+      if name not in models.SSM_MODELS:
+        raise app.UsageError(f"--models must be among {list(models.SSM_MODELS)}; got {name!r}")
+    changes["models"] = tuple(FLAGS.models)
+  if FLAGS.scan_backend:
+    changes["shape"] = dataclasses.replace(preset.shape, scan_backend=FLAGS.scan_backend)
+  if "checkpoint_every" in changes or "log_every" in changes:
+    log_every = preset.log_every
+    if changes.get("checkpoint_every", 0) % log_every:
+      raise app.UsageError(f"--checkpoint_every must be a multiple of {log_every}")
+  return dataclasses.replace(preset, **changes)
+
+
+def main(argv):
+  del argv
+  out_dir = FLAGS.out_dir or f"runs/selective_copying_{FLAGS.preset}"
+  run(preset_from_flags(), out_dir, seed=FLAGS.seed, resume=FLAGS.resume, progress=FLAGS.progress)
+
+
+if __name__ == "__main__":
+  app.run(main)
