@@ -85,8 +85,8 @@ def zoh(A, B, dt) -> tuple[jax.Array, jax.Array]:
 def bilinear(A, B, dt) -> tuple[jax.Array, jax.Array]:
   """Bilinear (Tustin) transform, S4 eq. (3).
 
-  ``Ab = (I - dt/2 A)^{-1} (I + dt/2 A)``, ``Bb = (I - dt/2 A)^{-1} dt B``, by a linear solve (dense)
-  or a division (diagonal); ``I - dt/2 A`` must be invertible, which holds for stable ``A``.
+  ``Ab = (I - dt/2 A)^{-1} (I + dt/2 A)``, ``Bb = (I - dt/2 A)^{-1} dt B``, by a linear solve
+  (dense) or a division (diagonal); ``I - dt/2 A`` must be invertible, which holds for stable ``A``.
 
   Args:
     A: ``(N, N)`` dense or ``(N,)`` diagonal state matrix, float or complex.

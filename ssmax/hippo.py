@@ -282,7 +282,8 @@ def dplr_matrix(Lam: jax.Array, P: jax.Array) -> jax.Array:
   _checks.rank("P", P, (1, 2), "(N,) or (rank, N)")
   _checks.floating("P", P, allow_complex=True)
   if _checks.shape_of(P)[-1] != n:
-    raise ValueError(f"P must have last dimension {n} to match Lam; got shape {_checks.shape_of(P)}")
+    raise ValueError(f"P must have last dimension {n} to match Lam; "
+                     f"got shape {_checks.shape_of(P)}")
   return jnp.diag(Lam) - _outer_sum(P)
 
 

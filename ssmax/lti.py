@@ -95,7 +95,7 @@ def _cauchy(v: jax.Array, denom: jax.Array) -> jax.Array:
 
 
 def _c_tilde(Lam, P, B, C, dt, L, rho_l):
-  """``C (I - rho^L Ab^L)`` for the bilinear ``Ab`` of ``diag(Lam) - P P^*`` (S4 Lemma C.2), ``(N,)``.
+  """``C (I - rho^L Ab^L) (N,)`` for the bilinear ``Ab`` of ``diag(Lam) - P P^*`` (S4 App. C.3).
 
   ``Ab^L`` by repeated squaring of the dense ``(N, N)`` ``Ab``: O(N^3 log L), once per call.
   """
@@ -112,7 +112,7 @@ def kernel_dplr(Lam, P, B, C, dt, L: int) -> jax.Array:
 
   Equals ``kernel(*discretize.bilinear(diag(Lam) - P P^*, B, dt), C, L)`` without powering ``Ab``
   step by step. The truncated generating function ``K^(z) = sum_{k<L} C Ab^k Bb z^k`` is evaluated
-  on ``L`` points ``z_j = rho exp(-2 pi i j / L)``, where ``z^L = rho^L`` (S4 Lemma C.2):
+  on ``L`` points ``z_j = rho exp(-2 pi i j / L)``, where ``z^L = rho^L`` (S4 Appendix C.3):
 
       K^(z) = C~ (I - z Ab)^{-1} Bb = dt C~ ((1 - z) I - (1 + z) dt/2 A)^{-1} B,
       C~    = C (I - rho^L Ab^L).
@@ -120,7 +120,7 @@ def kernel_dplr(Lam, P, B, C, dt, L: int) -> jax.Array:
   This is S4's ``2/(1+z) C~ (g(z) - A)^{-1} B`` with ``g(z) = 2/dt (1-z)/(1+z)``, multiplied through
   by ``(1+z) dt/2`` so that ``z = -1`` stays finite. With ``D(z) = (1 - z) - (1 + z) dt/2 Lam`` and
   ``s = (1 + z) dt/2``, the Woodbury identity turns the inverse into Cauchy sums
-  ``k_xy(z) = sum_n x_n y_n / D_n(z)`` (S4 Lemma C.3):
+  ``k_xy(z) = sum_n x_n y_n / D_n(z)`` (S4 Appendix C.3):
 
       K^(z) = dt [k_{C~,B} - s k_{C~,P} (I + s k_{P^*,P})^{-1} k_{P^*,B}],
 
@@ -148,7 +148,8 @@ def kernel_dplr(Lam, P, B, C, dt, L: int) -> jax.Array:
   _checks.rank("P", P, (1, 2), "(N,) or (rank, N)")
   _checks.floating("P", P, allow_complex=True)
   if _checks.shape_of(P)[-1] != n:
-    raise ValueError(f"P must have last dimension {n} to match Lam; got shape {_checks.shape_of(P)}")
+    raise ValueError(f"P must have last dimension {n} to match Lam; "
+                     f"got shape {_checks.shape_of(P)}")
   _checks.shape("B", B, (n,), f"(N,) with N = {n} from Lam")
   _checks.floating("B", B, allow_complex=True)
   _checks.shape("C", C, (n,), f"(N,) with N = {n} from Lam")

@@ -12,6 +12,7 @@ kernel = jax.jit(lti.kernel, static_argnums=3)
 kernel_dplr = jax.jit(lti.kernel_dplr, static_argnums=5)
 causal_conv = jax.jit(lti.causal_conv)
 recurrence = jax.jit(lti.recurrence)
+bilinear = jax.jit(discretize.bilinear)
 
 
 @pytest.fixture
@@ -104,8 +105,8 @@ def test_kernel_vmap_over_channels(rng):
     assert rel(K[:, h], kernel_ref(Ab[h], Bb[h], C[h], L)) < 1e-5
 
 
-@pytest.mark.parametrize("measure", ["legs", "legt", "lagt", "fout"])
-@pytest.mark.parametrize("length", [L, 36, 1])
+@pytest.mark.parametrize("measure,length", [(m, l) for m in ("legs", "legt", "lagt", "fout")
+                                            for l in (L, 36)] + [("legs", 1), ("legt", 2)])
 def test_kernel_dplr_float64(measure, length, rng):
   """Cauchy + Woodbury route == bilinear + power loop, to float64 precision."""
   n, dt = 7, rng.uniform(0.01, 0.3)
@@ -139,8 +140,25 @@ def test_kernel_dplr_equals_bilinear_then_kernel_float32(rng):
   C = jnp.asarray(rng.normal(size=n) + 1j * rng.normal(size=n), jnp.complex64)
   K = kernel_dplr(Lam, P, B, C, dt, L)
   assert K.dtype == jnp.float32
-  K2 = kernel(*discretize.bilinear(hippo.dplr_matrix(Lam, P), B, dt), C, L)
+  K2 = kernel(*bilinear(hippo.dplr_matrix(Lam, P), B, dt), C, L)
   assert rel(K, np.asarray(K2)) < 2e-5
+
+
+def test_kernel_dplr_gradient_matches_finite_differences(rng):
+  """Training an S4 layer differentiates through the Cauchy route; check d/d dt and d/d Lam."""
+  n = 5
+  w = rng.normal(size=L)
+  with jax.enable_x64(True):
+    Lam, P, B, _ = hippo.nplr("legs", n)
+    C = jnp.asarray(rng.normal(size=n) + 1j * rng.normal(size=n))
+    loss = jax.jit(lambda dt, lam: jnp.dot(w, lti.kernel_dplr(lam, P, B, C, dt, L)))
+    g_dt, g_lam = jax.jit(jax.grad(loss, argnums=(0, 1)))(0.1, Lam)
+    eps = 1e-6
+    fd_dt = (loss(0.1 + eps, Lam) - loss(0.1 - eps, Lam)) / (2 * eps)
+    e = jnp.zeros(n).at[2].set(eps)
+    fd_re = (loss(0.1, Lam + e) - loss(0.1, Lam - e)) / (2 * eps)
+  np.testing.assert_allclose(g_dt, fd_dt, rtol=1e-6)
+  np.testing.assert_allclose(np.real(g_lam[2]), fd_re, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,7 +237,7 @@ def test_step_matches_recurrence(rng):
 def test_hippo_legs_conv_equals_recurrence(rng):
   """The S4 pipeline end to end: LegS -> bilinear -> kernel -> conv == recurrence."""
   A, B = hippo.legs(5)
-  Ab, Bb = discretize.bilinear(A, B, 1.0 / L)
+  Ab, Bb = bilinear(A, B, 1.0 / L)
   C = jnp.asarray(rng.normal(size=5), jnp.float32)
   u = jnp.asarray(rng.normal(size=(L, 1)), jnp.float32)
   y_conv = causal_conv(u, kernel(Ab, Bb, C, L))[:, 0]
