@@ -110,7 +110,8 @@ def lagt(N: int, alpha: float = 0.0, beta: float = 1.0, dtype=jnp.float32
       B[n] = binom(n+alpha, n) / L[n] * beta^((1-alpha)/2) / sqrt(Gamma(1-alpha))
 
   At the defaults ``alpha=0, beta=1`` this is the HiPPO paper's LagT:
-  ``A[n, k] = -1`` for ``n >= k``, ``0`` above; ``B[n] = 1``.
+  ``A[n, k] = -1`` for ``n >= k``, ``0`` above; ``B[n] = 1``. (S4's older ``transition("lagt")``
+  has ``-1/2`` on the diagonal instead: the ``beta -> 0`` limit of ``A``.)
 
   Args:
     N: state size, a positive int.
