@@ -84,6 +84,11 @@ def make_model(name: str, shape: ModelShape, rngs: nnx.Rngs) -> nnx.Module:
   return TransformerLM(config, rngs=rngs)
 
 
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable parameters."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
 def init_state(model: nnx.Module, batch: int, length: int):
   """The state :func:`forward_with_state` starts from: Mamba's recurrent cache, or a KV cache for
   ``length`` tokens."""

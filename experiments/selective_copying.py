@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jax
 from absl import app, flags
-from flax import nnx
 
 from experiments import models, plotting, tasks, train
 
@@ -58,10 +57,6 @@ PRESETS = {
 }
 
 
-def count_params(model: nnx.Module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = False,
         progress: bool = True) -> dict:
   """Trains every model of ``preset``; writes the table, JSON and plot; returns the results."""
@@ -80,7 +75,7 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
                       config, out_dir / name, name=name)
     histories[models.LABELS[name]] = res.records
     results[name] = {"label": models.LABELS[name], "accuracy": res.final_accuracy, "loss": res.final_loss,
-                     "params": count_params(res.model), "steps": preset.steps,
+                     "params": models.count_params(res.model), "steps": preset.steps,
                      "train_seconds": round(res.train_seconds, 1),
                      "paper_accuracy": PAPER_ACCURACY.get(name)}
   task = preset.task
@@ -131,10 +126,8 @@ def preset_from_flags() -> Preset:
     changes["models"] = tuple(FLAGS.models)
   if FLAGS.scan_backend:
     changes["shape"] = dataclasses.replace(preset.shape, scan_backend=FLAGS.scan_backend)
-  if "checkpoint_every" in changes or "log_every" in changes:
-    log_every = preset.log_every
-    if changes.get("checkpoint_every", 0) % log_every:
-      raise app.UsageError(f"--checkpoint_every must be a multiple of {log_every}")
+  if changes.get("checkpoint_every", 0) % preset.log_every:
+    raise app.UsageError(f"--checkpoint_every must be a multiple of {preset.log_every}")
   return dataclasses.replace(preset, **changes)
 
 

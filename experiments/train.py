@@ -19,6 +19,7 @@ stays bounded by the chunk length; it raises on non-finite logits instead of rep
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -150,10 +151,10 @@ def evaluate(model: nnx.Module, task, key: jax.Array, examples: int, batch_size:
   chunked = chunk is not None and _checks.positive_int("chunk", chunk) < length
   if chunked and length % chunk:
     raise ValueError(f"chunk must divide the task length {length}; got {chunk}")
-  sample = jax.jit(task.sample, static_argnums=1)
+  sample = sampler(task, batch_size)
   totals = np.zeros(3)
   for i in range(math.ceil(examples / batch_size)):
-    batch = sample(jax.random.fold_in(key, i), batch_size)
+    batch = sample(jax.random.fold_in(key, i))
     if not chunked:
       parts = [_chunk_counts(model, *batch, None)]
     else:
@@ -181,6 +182,7 @@ def data_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 
 
+@functools.partial(nnx.jit, donate_argnums=(0, 1))
 def _train_step(model, optimizer, batch):
   def loss_fn(model):
     return masked_loss_and_accuracy(model(batch.inputs), batch)
@@ -188,6 +190,12 @@ def _train_step(model, optimizer, batch):
   (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
   return loss, accuracy
+
+
+@functools.lru_cache(maxsize=None)
+def sampler(task, batch_size: int, sharding: NamedSharding | None = None):
+  """``key -> task.sample(key, batch_size)``, jitted once per task, batch size and output sharding."""
+  return jax.jit(lambda key: task.sample(key, batch_size), out_shardings=sharding)
 
 
 def _read_records(path: Path, up_to_step: int) -> list[dict[str, Any]]:
@@ -255,8 +263,8 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
   records = _read_records(metrics_path, start) if start else []
   metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-  sample = jax.jit(task.sample, static_argnums=1, out_shardings=sharded)
-  step_fn = nnx.cached_partial(nnx.jit(_train_step, donate_argnums=(0, 1)), model, optimizer)
+  sample = sampler(task, config.batch_size, sharded)
+  step_fn = nnx.cached_partial(_train_step, model, optimizer)
   eval_batch = min(config.batch_size, config.eval_examples)
 
   def log(record):
@@ -274,7 +282,7 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
   t0 = time.perf_counter()
   window_loss = window_acc = 0.0
   for step in range(start, config.steps):
-    batch = sample(jax.random.fold_in(data_key, step), config.batch_size)
+    batch = sample(jax.random.fold_in(data_key, step))
     loss, accuracy = step_fn(batch)
     window_loss, window_acc = window_loss + loss, window_acc + accuracy
     done = step + 1

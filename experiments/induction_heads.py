@@ -1,0 +1,187 @@
+r"""Induction Heads (Mamba paper, section 4.1.2, Table 2): train short, test up to 4000x longer.
+
+    python -m experiments.induction_heads --preset=quick          # CPU, a few minutes
+    python -m experiments.induction_heads --preset=paper          # train at 256, test 2^6 .. 2^20
+
+Trains each model of ``--models`` at the preset's length, then measures accuracy at every power of
+two from ``2^min_test_log2`` to ``2^max_test_log2``. Long sequences are read in chunks of
+``--eval_chunk`` tokens, carrying Mamba's recurrent state (or the Transformer's KV cache), so memory
+is bounded by the chunk, not the length; attention is quadratic, so the Transformers are only tested
+up to ``--transformer_max_test_length`` (longer lengths print as a dash). Writes ``results.md``,
+``results.json``, ``accuracy_vs_length.png`` (log2 axis), ``accuracy_vs_step.png`` and per-model
+metrics and checkpoints into ``--out_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+from absl import app, flags
+
+from experiments import models, plotting, tasks, train
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  task: tasks.InductionHeads
+  shape: models.ModelShape
+  models: tuple[str, ...]
+  steps: int
+  batch_size: int
+  learning_rate: float
+  log_every: int
+  eval_every: int
+  eval_examples: int
+  checkpoint_every: int
+  min_test_log2: int
+  max_test_log2: int
+  test_examples: int  # per length, at most
+  test_tokens: int  # per length, at most: long lengths get fewer examples (at least one)
+  eval_chunk: int
+  transformer_max_test_length: int
+
+
+PRESETS = {
+    "quick": Preset(task=tasks.InductionHeads(length=64, vocab_size=16),
+                    shape=models.ModelShape(vocab_size=16, d_model=32, n_layer=2, d_state=16, n_head=4,
+                                            max_len=2**12, scan_backend="sequential"),
+                    models=("mamba_s6", "mha_abs"), steps=1200, batch_size=32, learning_rate=3e-3,
+                    log_every=50, eval_every=400, eval_examples=256, checkpoint_every=0,
+                    min_test_log2=6, max_test_log2=16, test_examples=64, test_tokens=2**17,
+                    eval_chunk=2**12, transformer_max_test_length=2**12),
+    # Appendix E.1: vocabulary 16, train length 256, batch 8, constant lr 1e-3, 2 layers, D = 64;
+    # 25 "epochs" of 8192 steps (the paper's Mamba and MHA-Abs; MHA-RoPE had 50).
+    "paper": Preset(task=tasks.InductionHeads(length=256, vocab_size=16),
+                    shape=models.ModelShape(vocab_size=16, d_model=64, n_layer=2, d_state=16, n_head=8,
+                                            max_len=2**14),
+                    models=("mamba_s6", "mha_abs", "mha_rope"), steps=8192 * 25, batch_size=8,
+                    learning_rate=1e-3, log_every=256, eval_every=8192, eval_examples=512,
+                    checkpoint_every=8192, min_test_log2=6, max_test_log2=20, test_examples=256,
+                    test_tokens=2**22, eval_chunk=2**13, transformer_max_test_length=2**14),
+}
+
+
+def test_lengths(preset: Preset) -> list[int]:
+  return [2**k for k in range(preset.min_test_log2, preset.max_test_log2 + 1)]
+
+
+def accuracy_by_length(model, name: str, preset: Preset, seed: int) -> dict[int, float | None]:
+  """Accuracy at every test length (``None`` past the Transformer's limit)."""
+  out = {}
+  for length in test_lengths(preset):
+    if name in models.TRANSFORMER_MODELS and length > preset.transformer_max_test_length:
+      out[length] = None
+      continue
+    examples = max(1, min(preset.test_examples, preset.test_tokens // length))
+    batch = max(1, min(examples, preset.test_tokens // 4 // min(length, preset.eval_chunk)))
+    key = jax.random.fold_in(jax.random.key(seed + 1_000_003), length)
+    accuracy, _ = train.evaluate(model, preset.task.with_length(length), key, examples, batch,
+                                 chunk=preset.eval_chunk)
+    out[length] = accuracy
+  return out
+
+
+def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = False,
+        progress: bool = True) -> dict:
+  """Trains and tests every model of ``preset``; writes table, JSON and plots; returns results."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  t_start = time.perf_counter()
+  results, histories, curves = {}, {}, {}
+  for name in preset.models:
+    config = train.TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
+                               learning_rate=preset.learning_rate, seed=seed,
+                               log_every=preset.log_every, eval_every=preset.eval_every,
+                               eval_examples=preset.eval_examples,
+                               checkpoint_every=preset.checkpoint_every, resume=resume,
+                               progress=progress)
+    res = train.train(lambda rngs, name=name: models.make_model(name, preset.shape, rngs), preset.task,
+                      config, out_dir / name, name=name)
+    t_eval = time.perf_counter()
+    by_length = accuracy_by_length(res.model, name, preset, seed)
+    label = models.LABELS[name]
+    histories[label], curves[label] = res.records, by_length
+    results[name] = {"label": label, "params": models.count_params(res.model), "steps": preset.steps,
+                     "train_accuracy": res.final_accuracy, "train_seconds": round(res.train_seconds, 1),
+                     "test_seconds": round(time.perf_counter() - t_eval, 1),
+                     "accuracy_by_length": {str(k): v for k, v in by_length.items()}}
+  lengths = test_lengths(preset)
+  pct = lambda a: None if a is None else f"{100 * a:.1f}"
+  rows = [[r["label"], f"{r['params']:,}"] + [pct(curves[r["label"]][l]) for l in lengths]
+          for r in results.values()]
+  table = plotting.markdown_table(["Model", "Params"] + [f"2^{l.bit_length() - 1}" for l in lengths], rows)
+  task = preset.task
+  header = (f"Induction Heads: vocabulary {task.vocab_size}, trained at length {task.length} for "
+            f"{preset.steps} steps (batch {preset.batch_size}, Adam lr {preset.learning_rate}, "
+            f"{preset.shape.n_layer} layers, d_model {preset.shape.d_model}, seed {seed}, "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s)); accuracy (%) at each test "
+            f"length. Chance: {100 * task.chance_accuracy:.1f}%. A dash: not run (quadratic attention).")
+  (out_dir / "results.md").write_text(f"{header}\n\n{table}\n")
+  (out_dir / "results.json").write_text(json.dumps(
+      {"task": dataclasses.asdict(task), "shape": dataclasses.asdict(preset.shape), "seed": seed,
+       "batch_size": preset.batch_size, "learning_rate": preset.learning_rate, "models": results,
+       "wall_seconds": round(time.perf_counter() - t_start, 1)}, indent=2))
+  plotting.plot_accuracy_vs_length(curves, out_dir / "accuracy_vs_length.png",
+                                   title="Induction Heads: length extrapolation",
+                                   train_length=task.length, chance=task.chance_accuracy)
+  plotting.plot_accuracy_vs_step(histories, out_dir / "accuracy_vs_step.png",
+                                 title=f"Induction Heads (train length {task.length})",
+                                 chance=task.chance_accuracy)
+  print(f"\n{header}\n\n{table}\n\nwrote {out_dir}/results.md, results.json, accuracy_vs_length.png, "
+        "accuracy_vs_step.png")
+  return results
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", "quick", list(PRESETS), "quick: CPU minutes; paper: appendix E.1 sizes.")
+flags.DEFINE_list("models", None, f"Models to train, from {list(models.MODEL_NAMES)}; default: the preset's.")
+flags.DEFINE_integer("steps", None, "Training steps per model; default: the preset's.")
+flags.DEFINE_integer("batch_size", None, "Global batch size; default: the preset's.")
+flags.DEFINE_float("learning_rate", None, "Constant Adam learning rate; default: the preset's.")
+flags.DEFINE_integer("seed", 0, "Seed of the parameters, the data stream and the test sets.")
+flags.DEFINE_string("out_dir", None, "Output directory; default runs/induction_heads_<preset>.")
+flags.DEFINE_bool("resume", False, "Continue each model from its latest checkpoint in --out_dir.")
+flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints (0: none); default: the preset's.")
+flags.DEFINE_integer("eval_every", None, "Steps between validation evaluations; default: the preset's.")
+flags.DEFINE_integer("max_test_log2", None, "Test up to length 2^this; default: the preset's.")
+flags.DEFINE_integer("eval_chunk", None, "Tokens read per chunk at long test lengths; default: the preset's.")
+flags.DEFINE_integer("transformer_max_test_length", None, "Longest length the Transformers are tested "
+                     "at; default: the preset's.")
+flags.DEFINE_string("scan_backend", None, "Selective scan backend (auto, sequential, associative, "
+                    "pallas); default: the preset's.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def preset_from_flags() -> Preset:
+  preset = PRESETS[FLAGS.preset]
+  names = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every", "max_test_log2",
+           "eval_chunk", "transformer_max_test_length")
+  changes = {k: getattr(FLAGS, k) for k in names if getattr(FLAGS, k) is not None}
+  if FLAGS.models:
+    for name in FLAGS.models:
+      if name not in models.MODEL_NAMES:
+        raise app.UsageError(f"--models must be among {list(models.MODEL_NAMES)}; got {name!r}")
+    changes["models"] = tuple(FLAGS.models)
+  if FLAGS.scan_backend:
+    changes["shape"] = dataclasses.replace(preset.shape, scan_backend=FLAGS.scan_backend)
+  if changes.get("checkpoint_every", 0) % preset.log_every:
+    raise app.UsageError(f"--checkpoint_every must be a multiple of {preset.log_every}")
+  if "transformer_max_test_length" in changes:
+    changes["shape"] = dataclasses.replace(changes.get("shape", preset.shape),
+                                           max_len=max(changes["transformer_max_test_length"],
+                                                       preset.task.length))
+  return dataclasses.replace(preset, **changes)
+
+
+def main(argv):
+  del argv
+  out_dir = FLAGS.out_dir or f"runs/induction_heads_{FLAGS.preset}"
+  run(preset_from_flags(), out_dir, seed=FLAGS.seed, resume=FLAGS.resume, progress=FLAGS.progress)
+
+
+if __name__ == "__main__":
+  app.run(main)
