@@ -1,0 +1,224 @@
+"""Training-step throughput and peak memory of the ~130M Mamba LM, one row per scan backend.
+
+The setting of the official stack's measurement on an H100 (``ANCHORS``): the 130M model (d_model
+768, 24 layers, vocabulary 50277 padded to 50280), sequences of 2048 tokens, next-token
+cross-entropy, AdamW with float32 master weights and bfloat16 compute (``MambaConfig(dtype=
+bfloat16, param_dtype=float32)``), random tokens. One step is one jit-compiled call (forward,
+backward, optimizer update, model and optimizer state donated); the median over ``--steps`` calls
+after ``--warmup`` calls is reported as milliseconds and ``batch * length`` tokens per second.
+
+Peak memory: ``device peak`` is the device allocator's high-water mark (``memory_stats()``,
+GPU only), taken in a fresh process per configuration (``--isolate``) so that it belongs to that
+configuration alone; ``compiled peak`` is XLA's own estimate for the compiled step
+(``memory_analysis()``), available on every platform.
+
+Writes ``--out_dir``/bench_train.{md,json}. A configuration that runs out of memory is reported
+as OOM.
+
+  python -m experiments.bench_train                       # GPU: batch 8 and 16, every backend
+  python -m experiments.bench_train --tiny                # CPU smoke run in seconds
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
+
+from experiments.plotting import markdown_table
+from ssmax.nn import MambaConfig, MambaLM
+
+SIZES = {
+    "130m": dict(d_model=768, n_layer=24, vocab_size=50277),
+    "tiny": dict(d_model=16, n_layer=1, d_state=4, vocab_size=37),
+}
+
+# The official stack (mamba_ssm, fused CUDA/Triton path) on an NVIDIA H100 80GB, 2026-11-22: 130M,
+# length 2048, bf16 autocast, AdamW, fp32 master weights. batch -> (ms/step, tokens/s, peak GiB).
+ANCHORS = {8: (115.04, 142422, 17.76), 16: (213.66, 153365, 33.73)}
+
+GIB = 2**30
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("tiny", False, "CPU smoke run: tiny model, length 16, batch 2, 3 steps.")
+flags.DEFINE_enum("size", "130m", list(SIZES), "Model shape.")
+flags.DEFINE_list("backends", None, "Scan backends to time; default: sequential, associative, "
+                  "pallas (with --tiny off the GPU, not pallas: its interpret mode compiles slowly).")
+flags.DEFINE_list("batches", ["8", "16"], "Batch sizes.")
+flags.DEFINE_integer("length", 2048, "Tokens per sequence.")
+flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype; parameters float32.")
+flags.DEFINE_float("learning_rate", 3e-4, "AdamW learning rate.")
+flags.DEFINE_bool("isolate", None, "Run every configuration in its own process, so that the device "
+                  "peak is its own; default: on unless --tiny.")
+flags.DEFINE_string("out_dir", "runs/bench_train", "Output directory.")
+flags.DEFINE_string("child", None, "Internal: run one configuration given as JSON, print its row.")
+
+
+def train_step_fn(graphdef):
+  """A jit-compiled AdamW step on ``(model, optimizer)`` state; returns ``(loss, new state)``."""
+
+  def step(state, tokens):
+    model, optimizer = nnx.merge(graphdef, state)
+
+    def loss_fn(m):
+      logits = m(tokens[:, :-1]).astype(jnp.float32)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss, nnx.state((model, optimizer))
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def measure(*, size, backend, batch, length, steps, warmup, dtype, learning_rate) -> dict:
+  """Times one configuration in this process; returns its row (status "ok" or "OOM")."""
+  row = dict(size=size, backend=backend, batch=batch, length=length, dtype=dtype)
+  try:
+    config = MambaConfig(**SIZES[size], scan_backend=backend, dtype=jnp.dtype(dtype),
+                         param_dtype=jnp.float32)
+    model = MambaLM(config, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(learning_rate), wrt=nnx.Param)
+    row["params"] = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+    graphdef, state = nnx.split((model, optimizer))
+    del model, optimizer
+    tokens = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, config.vocab_size)
+    start = time.perf_counter()
+    compiled = train_step_fn(graphdef).lower(state, tokens).compile()
+    row["compile_s"] = time.perf_counter() - start
+    row["compiled_peak_gib"] = compiled_peak_bytes(compiled) / GIB
+    losses, times = [], []
+    for i in range(warmup + steps):
+      start = time.perf_counter()
+      loss, state = compiled(state, tokens)
+      losses.append(float(loss))  # blocks until the step is done
+      if i >= warmup:
+        times.append(time.perf_counter() - start)
+  except Exception as e:  # a backend may not fit at this batch; report it and go on
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+      raise
+    row.update(status="OOM", ms=None, tokens_per_s=None)
+    row["device_peak_gib"] = device_peak_bytes() / GIB if device_peak_bytes() else None
+    return row
+  if not np.all(np.isfinite(losses)):
+    raise FloatingPointError(f"non-finite loss with backend {backend}: {losses}")
+  seconds = statistics.median(times)
+  peak = device_peak_bytes()
+  row.update(status="ok", ms=1e3 * seconds, tokens_per_s=batch * length / seconds,
+             device_peak_gib=None if peak is None else peak / GIB, first_loss=losses[0],
+             last_loss=losses[-1])
+  return row
+
+
+def compiled_peak_bytes(compiled) -> int:
+  m = compiled.memory_analysis()
+  peak = getattr(m, "peak_memory_in_bytes", 0)
+  if peak:
+    return int(peak)
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def device_peak_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def measure_isolated(**kw) -> dict:
+  """:func:`measure` in a fresh Python process (its own device allocator and peak)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = pathlib.Path(tmp) / "row.json"
+    cmd = [sys.executable, "-m", "experiments.bench_train", f"--child={json.dumps(kw)}",
+           f"--out_dir={tmp}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+      raise RuntimeError(f"child {kw} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def run(*, size, backends, batches, length, steps, warmup, dtype, learning_rate, isolate, out_dir,
+        log=print) -> dict:
+  """Measures every (backend, batch); writes the Markdown table and JSON; returns the JSON."""
+  rows = []
+  for batch in batches:
+    for backend in backends:
+      kw = dict(size=size, backend=backend, batch=batch, length=length, steps=steps,
+                warmup=warmup, dtype=dtype, learning_rate=learning_rate)
+      row = measure_isolated(**kw) if isolate else measure(**kw)
+      rows.append(row)
+      log(f"{backend:<12} batch {batch:>3}: " + (
+          f"{row['ms']:9.1f} ms {row['tokens_per_s']:10.0f} tok/s (compiled in "
+          f"{row['compile_s']:.1f} s)" if row["status"] == "ok" else row["status"]))
+  result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+                jax=jax.__version__, size=size, length=length, dtype=dtype, steps=steps,
+                isolate=isolate, rows=rows,
+                anchors={str(b): dict(ms=a[0], tokens_per_s=a[1], peak_gib=a[2])
+                         for b, a in ANCHORS.items()})
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "bench_train.json").write_text(json.dumps(result, indent=1))
+  table = tables(result)
+  (out_dir / "bench_train.md").write_text(table + "\n")
+  log("\n" + table + f"\n\nwrote {out_dir}/bench_train.{{md,json}}")
+  return result
+
+
+def tables(result) -> str:
+  fmt = lambda v, spec: "—" if v is None else format(v, spec)
+  head = ["backend", "batch", "ms/step", "tokens/s", "device peak GiB", "compiled peak GiB",
+          "vs official tokens/s"]
+  body = []
+  for r in result["rows"]:
+    anchor = ANCHORS.get(r["batch"]) if r["size"] == "130m" and r["length"] == 2048 else None
+    vs = (r["tokens_per_s"] / anchor[1]) if anchor and r["tokens_per_s"] else None
+    body.append([r["backend"], r["batch"], fmt(r["ms"], ".1f") if r["ms"] else r["status"],
+                 fmt(r["tokens_per_s"], ".0f"), fmt(r.get("device_peak_gib"), ".2f"),
+                 fmt(r.get("compiled_peak_gib"), ".2f"), fmt(vs, ".2f")])
+  params = next((r["params"] for r in result["rows"] if "params" in r), None)
+  text = (f"Training step, {result['size']} Mamba LM ({params} parameters), length "
+          f"{result['length']}, AdamW, {result['dtype']} compute / float32 parameters, "
+          f"{result['device']}.\n\n" + markdown_table(head, body))
+  if result["size"] == "130m" and result["length"] == 2048:
+    text += ("\n\nOfficial stack (mamba_ssm, fused kernels), same setting, H100:\n\n" +
+             markdown_table(["batch", "ms/step", "tokens/s", "peak GiB"],
+                            [[b, a[0], a[1], a[2]] for b, a in ANCHORS.items()]))
+  return text
+
+
+def main(argv):
+  del argv
+  if FLAGS.child:  # one configuration, for measure_isolated
+    row = measure(**json.loads(FLAGS.child))
+    pathlib.Path(FLAGS.out_dir, "row.json").write_text(json.dumps(row))
+    return
+  if FLAGS.tiny:
+    kw = dict(size="tiny", batches=[2], length=16, steps=3, warmup=1)
+  else:
+    kw = dict(size=FLAGS.size, batches=[int(b) for b in FLAGS.batches], length=FLAGS.length,
+              steps=FLAGS.steps, warmup=FLAGS.warmup)
+  isolate = (not FLAGS.tiny) if FLAGS.isolate is None else FLAGS.isolate
+  backends = FLAGS.backends
+  if backends is None:
+    backends = ["sequential", "associative"]
+    if not FLAGS.tiny or jax.default_backend() == "gpu":
+      backends.append("pallas")
+  run(backends=backends, dtype=FLAGS.dtype, learning_rate=FLAGS.learning_rate,
+      isolate=isolate, out_dir=FLAGS.out_dir, **kw)
+
+
+if __name__ == "__main__":
+  app.run(main)
