@@ -243,6 +243,11 @@ def selective_scan(mesh: Mesh, u, delta, A, B, C, D=None, z=None, delta_bias=Non
                                      initial_state, return_last_state, backend,
                                      sequence_axis=sequence_axis)
 
+  if sequence_axis is None:
+    # Keep only the inputs for the backward pass, as the sequence-parallel mode does: residuals
+    # crossing shard_map include zero-size arrays of lax.associative_scan, on which XLA's Shardy
+    # partitioner (jax 0.11.2) crashes.
+    local = jax.checkpoint(local)
   args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
   args = tuple(None if a is None else _place(mesh, jnp.asarray(a), s)
                for a, s in zip(args, in_specs))
