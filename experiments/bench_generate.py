@@ -145,10 +145,21 @@ def is_oom(error: Exception) -> bool:
 
 def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_backend,
         out_dir, log=print) -> dict:
-  """Times every (size, model, batch); writes the Markdown table, JSON and PNG; returns the JSON."""
+  """Times every (size, model, batch) and returns the JSON dict.
+
+  The Markdown table, JSON and PNG in ``out_dir`` are rewritten after every configuration, so a
+  sweep cut short keeps what it measured.
+  """
   if prompt_len < 1 or new_tokens < 1:
     raise ValueError(f"prompt_len and new_tokens must be >= 1; got {prompt_len}, {new_tokens}")
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   rows = []
+  result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+                jax=jax.__version__, dtype=jnp.dtype(dtype).name, scan_backend=scan_backend,
+                prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, rows=rows,
+                ratios=[], anchors_ms={k: {str(b): ms for b, ms in v.items()}
+                                       for k, v in ANCHORS.items()})
   for size in sizes:
     for model in models:
       module, params = build(model, size, dtype, scan_backend)
@@ -158,37 +169,34 @@ def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_
         row = dict(size=size, model=model, params=params, batch=batch, prompt_len=prompt_len,
                    new_tokens=new_tokens)
         if failed:
-          rows.append({**row, "status": f"skipped after {failed}", "ms": None,
-                       "tokens_per_s": None})
-          continue
-        prompt = jax.random.randint(jax.random.key(batch), (batch, prompt_len), 0,
-                                    vocab_size(size))
-        try:
-          seconds = time_call(lambda: generate(prompt, new_tokens), repeats)
-          row.update(status="ok", ms=1e3 * seconds, tokens_per_s=batch * new_tokens / seconds)
-        except Exception as e:  # a large batch may not fit; keep the rest of the sweep
-          if not is_oom(e):
-            raise
-          failed = f"OOM at batch {batch}"
-          row.update(status="OOM", ms=None, tokens_per_s=None)
+          row.update(status=f"skipped after {failed}", ms=None, tokens_per_s=None)
+        else:
+          prompt = jax.random.randint(jax.random.key(batch), (batch, prompt_len), 0,
+                                      vocab_size(size))
+          try:
+            seconds = time_call(lambda: generate(prompt, new_tokens), repeats)
+            row.update(status="ok", ms=1e3 * seconds, tokens_per_s=batch * new_tokens / seconds)
+          except Exception as e:  # a large batch may not fit; keep the rest of the sweep
+            if not is_oom(e):
+              raise
+            failed = f"OOM at batch {batch}"
+            row.update(status="OOM", ms=None, tokens_per_s=None)
         rows.append(row)
+        result["ratios"] = ratios(rows)
+        write(result, out_dir)
         log(f"{size:>5} {model:<11} batch {batch:>3}: " + (
-            f"{row['ms']:9.1f} ms {row['tokens_per_s']:11.1f} tok/s" if row["ms"] else row["status"]))
+            f"{row['ms']:9.1f} ms {row['tokens_per_s']:11.1f} tok/s" if row["ms"]
+            else row["status"]))
       del module, generate
       gc.collect()
-  result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-                jax=jax.__version__, dtype=jnp.dtype(dtype).name, scan_backend=scan_backend,
-                prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, rows=rows,
-                ratios=ratios(rows), anchors_ms={k: {str(b): ms for b, ms in v.items()}
-                                                 for k, v in ANCHORS.items()})
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "bench_generate.json").write_text(json.dumps(result, indent=1))
-  table = tables(result)
-  (out_dir / "bench_generate.md").write_text(table + "\n")
-  plot(result, out_dir / "bench_generate.png")
-  log("\n" + table + f"\n\nwrote {out_dir}/bench_generate.{{md,json,png}}")
+  log("\n" + tables(result) + f"\n\nwrote {out_dir}/bench_generate.{{md,json,png}}")
   return result
+
+
+def write(result, out_dir: pathlib.Path) -> None:
+  (out_dir / "bench_generate.json").write_text(json.dumps(result, indent=1))
+  (out_dir / "bench_generate.md").write_text(tables(result) + "\n")
+  plot(result, out_dir / "bench_generate.png")
 
 
 def ratios(rows) -> list[dict]:
@@ -221,7 +229,10 @@ def tables(result) -> str:
       line = [batch]
       for m in params:
         r = cell.get((m, batch))
-        line += [fmt(r["ms"], ".1f") if r["ms"] else r["status"], fmt(r["tokens_per_s"], ".0f")]
+        if r is None:  # not run yet
+          line += [None, None]
+        else:
+          line += [fmt(r["ms"], ".1f") if r["ms"] else r["status"], fmt(r["tokens_per_s"], ".0f")]
       line.append(fmt(ratio.get((size, batch)), ".2f"))
       body.append(line)
     parts.append(f"\n{size}\n\n" + markdown_table(head, body))

@@ -38,6 +38,7 @@ from flax import nnx
 
 from experiments.plotting import markdown_table
 from ssmax.nn import MambaConfig, MambaLM
+from ssmax.scan import BACKENDS
 
 SIZES = {
     "130m": dict(d_model=768, n_layer=24, vocab_size=50277),
@@ -54,7 +55,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("tiny", False, "CPU smoke run: tiny model, length 16, batch 2, 3 steps.")
 flags.DEFINE_enum("size", "130m", list(SIZES), "Model shape.")
 flags.DEFINE_list("backends", None, "Scan backends to time; default: sequential, associative, "
-                  "pallas (with --tiny off the GPU, not pallas: its interpret mode compiles slowly).")
+                  "pallas (with --tiny not pallas: off the GPU its interpret mode compiles slowly).")
 flags.DEFINE_list("batches", ["8", "16"], "Batch sizes.")
 flags.DEFINE_integer("length", 2048, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
@@ -86,7 +87,8 @@ def train_step_fn(graphdef):
 
 def measure(*, size, backend, batch, length, steps, warmup, dtype, learning_rate) -> dict:
   """Times one configuration in this process; returns its row (status "ok" or "OOM")."""
-  row = dict(size=size, backend=backend, batch=batch, length=length, dtype=dtype)
+  row = dict(size=size, backend=backend, batch=batch, length=length, dtype=dtype,
+             device=str(jax.devices()[0].device_kind), platform=jax.default_backend())
   try:
     config = MambaConfig(**SIZES[size], scan_backend=backend, dtype=jnp.dtype(dtype),
                          param_dtype=jnp.float32)
@@ -145,35 +147,48 @@ def measure_isolated(**kw) -> dict:
     cmd = [sys.executable, "-m", "experiments.bench_train", f"--child={json.dumps(kw)}",
            f"--out_dir={tmp}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not out.is_file():
-      raise RuntimeError(f"child {kw} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    if proc.returncode == 0 and out.is_file():
+      return json.loads(out.read_text())
+  # Keep the sweep going; the row says what broke.
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  return dict(size=kw["size"], backend=kw["backend"], batch=kw["batch"], length=kw["length"],
+              dtype=kw["dtype"], status=f"error (exit {proc.returncode}): "
+              + (lines[-1][:300] if lines else ""), ms=None, tokens_per_s=None,
+              stderr_tail=proc.stderr[-4000:])
 
 
 def run(*, size, backends, batches, length, steps, warmup, dtype, learning_rate, isolate, out_dir,
         log=print) -> dict:
-  """Measures every (backend, batch); writes the Markdown table and JSON; returns the JSON."""
+  """Measures every (backend, batch) and returns the JSON dict.
+
+  The Markdown table and JSON in ``out_dir`` are rewritten after every configuration, so a sweep
+  cut short keeps what it measured.
+  """
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   rows = []
+  # With isolate, this process never touches the device (JAX would preallocate its memory and
+  # starve the children); the device is named by the rows.
+  result = dict(device=None, platform=None, jax=jax.__version__, size=size, length=length, dtype=dtype, steps=steps,
+                isolate=isolate, rows=rows,
+                anchors={str(b): dict(ms=a[0], tokens_per_s=a[1], peak_gib=a[2])
+                         for b, a in ANCHORS.items()})
   for batch in batches:
     for backend in backends:
       kw = dict(size=size, backend=backend, batch=batch, length=length, steps=steps,
                 warmup=warmup, dtype=dtype, learning_rate=learning_rate)
       row = measure_isolated(**kw) if isolate else measure(**kw)
       rows.append(row)
+      if result["device"] is None and "device" in row:
+        result.update(device=row["device"], platform=row["platform"])
+      (out_dir / "bench_train.json").write_text(json.dumps(result, indent=1))
+      (out_dir / "bench_train.md").write_text(tables(result) + "\n")
       log(f"{backend:<12} batch {batch:>3}: " + (
           f"{row['ms']:9.1f} ms {row['tokens_per_s']:10.0f} tok/s (compiled in "
           f"{row['compile_s']:.1f} s)" if row["status"] == "ok" else row["status"]))
-  result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-                jax=jax.__version__, size=size, length=length, dtype=dtype, steps=steps,
-                isolate=isolate, rows=rows,
-                anchors={str(b): dict(ms=a[0], tokens_per_s=a[1], peak_gib=a[2])
-                         for b, a in ANCHORS.items()})
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "bench_train.json").write_text(json.dumps(result, indent=1))
-  table = tables(result)
-  (out_dir / "bench_train.md").write_text(table + "\n")
-  log("\n" + table + f"\n\nwrote {out_dir}/bench_train.{{md,json}}")
+      if row["status"].startswith("error"):
+        log(row["stderr_tail"])
+  log("\n" + tables(result) + f"\n\nwrote {out_dir}/bench_train.{{md,json}}")
   return result
 
 
@@ -213,9 +228,10 @@ def main(argv):
   isolate = (not FLAGS.tiny) if FLAGS.isolate is None else FLAGS.isolate
   backends = FLAGS.backends
   if backends is None:
-    backends = ["sequential", "associative"]
-    if not FLAGS.tiny or jax.default_backend() == "gpu":
-      backends.append("pallas")
+    backends = ["sequential", "associative"] + ([] if FLAGS.tiny else ["pallas"])
+  for b in backends:
+    if b not in BACKENDS:
+      raise app.UsageError(f"--backends must be from {list(BACKENDS)}; got {b!r}")
   run(backends=backends, dtype=FLAGS.dtype, learning_rate=FLAGS.learning_rate,
       isolate=isolate, out_dir=FLAGS.out_dir, **kw)
 
