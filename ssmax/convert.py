@@ -114,8 +114,6 @@ def save_pretrained(model: MambaLM, path) -> pathlib.Path:
   Raises:
     ValueError: if ``model`` is not a :class:`MambaLM` or its config has no ``transformers`` form.
   """
-  from safetensors.numpy import save_file
-
   if not isinstance(model, MambaLM):
     raise ValueError(f"model must be a MambaLM; got {type(model).__name__}")
   hf_config = transformers_config(model.config)
@@ -125,7 +123,7 @@ def save_pretrained(model: MambaLM, path) -> pathlib.Path:
     tensors[_transformers_name(name)] = np.ascontiguousarray(to_torch(np.asarray(v.get_value())))
   path = pathlib.Path(os.fspath(path))
   path.mkdir(parents=True, exist_ok=True)
-  save_file(tensors, path / SAFETENSORS_FILE, metadata={"format": "pt"})
+  _safetensors_numpy().save_file(tensors, path / SAFETENSORS_FILE, metadata={"format": "pt"})
   (path / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
   return path
 
@@ -272,10 +270,17 @@ def read_tensors(path) -> dict[str, np.ndarray]:
   raise FileNotFoundError(f"no {SAFETENSORS_FILE}, {TORCH_FILE} or sharded index in {path}")
 
 
-def _read_safetensors(file) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
+def _safetensors_numpy():
+  try:
+    import safetensors.numpy
+  except ImportError as e:
+    raise ImportError("reading and writing model.safetensors needs the safetensors package "
+                      "(pip install safetensors)") from e
+  return safetensors.numpy
 
-  return load_file(file)
+
+def _read_safetensors(file) -> dict[str, np.ndarray]:
+  return _safetensors_numpy().load_file(file)
 
 
 def _read_torch(file) -> dict[str, np.ndarray]:

@@ -58,10 +58,15 @@ def _rel_err(got, want):
   return np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
 
 
+@nnx.jit
+def _logits(model, tokens):
+  return model(tokens)
+
+
 def _check_against_torch(ours, model, seed, greedy=True):
   tokens = _prompt(seed)
   want = _torch_logits(model, tokens)
-  got = np.asarray(ours(jnp.asarray(tokens)))
+  got = np.asarray(_logits(ours, jnp.asarray(tokens)))
   assert got.shape == (3, PROMPT_LEN, PADDED)
   assert _rel_err(got[..., :VOCAB], want) < 1e-4
   if greedy:
@@ -187,17 +192,15 @@ def test_official_130m_config():
 
 
 def _random_model(seed, **kw):
+  """A MambaLM with every parameter random (the init's ones, zeros and constant A_log would hide
+  mapping errors)."""
   cfg = dict(d_model=24, n_layer=2, vocab_size=VOCAB, d_state=5, d_conv=3, dt_rank=3)
   cfg.update(kw)
-  model = MambaLM(MambaConfig(**cfg), rngs=nnx.Rngs(seed))
-  # Perturb every parameter: ones, zeros and the constant A_log init would hide mapping errors.
-  key = jax.random.key(seed + 100)
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(key, len(leaves))
-  leaves = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-  nnx.update(model, jax.tree.unflatten(treedef, leaves))
-  return model
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: MambaLM(MambaConfig(**cfg),
+                                                             rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  state = jax.tree.map(lambda x: jnp.asarray(0.4 * rng.normal(size=x.shape), x.dtype), state)
+  return nnx.merge(graphdef, state)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -208,7 +211,7 @@ def test_save_pretrained_loads_in_transformers_and_back(tmp_path, tie):
   assert theirs.config.vocab_size == PADDED
   tokens = _prompt(10)
   want = _torch_logits(theirs, tokens)
-  assert _rel_err(np.asarray(ours(jnp.asarray(tokens))), want) < 1e-4
+  assert _rel_err(np.asarray(_logits(ours, jnp.asarray(tokens))), want) < 1e-4
 
   again = convert.load_pretrained(tmp_path)
   assert again.config.padded_vocab_size == PADDED and again.config.tie_embeddings == tie
@@ -219,14 +222,27 @@ def test_save_pretrained_loads_in_transformers_and_back(tmp_path, tie):
     np.testing.assert_array_equal(np.asarray(a[path].get_value()), np.asarray(b[path].get_value()))
 
 
+def test_save_pretrained_bfloat16(tmp_path):
+  ours = _random_model(11, n_layer=1, param_dtype=jnp.bfloat16)
+  convert.save_pretrained(ours, tmp_path)
+  theirs = transformers.MambaForCausalLM.from_pretrained(tmp_path)
+  got = theirs.backbone.layers[0].mixer.x_proj.weight.detach()
+  assert got.dtype == torch.bfloat16
+  np.testing.assert_array_equal(got.float().numpy().T,
+                                np.asarray(ours.layers[0].mixer.x_proj.kernel[...], np.float32))
+  again = convert.load_pretrained(tmp_path, param_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(again.embedding.embedding[...]),
+                                np.asarray(ours.embedding.embedding[...]))
+
+
 def test_save_pretrained_rejects_non_model(tmp_path):
   with pytest.raises(ValueError, match="model must be a MambaLM; got dict"):
     convert.save_pretrained({}, tmp_path)
 
 
 def test_save_pretrained_rejects_layernorm(tmp_path):
-  ours = MambaLM(MambaConfig(d_model=8, n_layer=1, vocab_size=VOCAB, rms_norm=False),
-                 rngs=nnx.Rngs(0))
+  config = MambaConfig(d_model=8, n_layer=1, vocab_size=VOCAB, rms_norm=False)
+  ours = nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0)))  # fails before any array
   with pytest.raises(ValueError, match=r"needs config.rms_norm == True; got False"):
     convert.save_pretrained(ours, tmp_path)
 
@@ -341,3 +357,9 @@ def test_error_bin_without_torch(tied, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
   with pytest.raises(ImportError, match="needs PyTorch"):
     convert.load_pretrained(tmp_path / "m")
+
+
+def test_error_safetensors_without_the_package(tied, monkeypatch):
+  monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+  with pytest.raises(ImportError, match="needs the safetensors package"):
+    convert.load_pretrained(tied[1])
