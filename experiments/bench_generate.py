@@ -71,6 +71,7 @@ flags.DEFINE_integer("repeats", 3, "Timed calls per configuration (the median is
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.")
 flags.DEFINE_string("scan_backend", "auto", "Mamba's selective scan backend (prefill).")
 flags.DEFINE_string("out_dir", "runs/bench_generate", "Output directory.")
+flags.DEFINE_float("max_minutes", None, "Start no new configuration after this many minutes.")
 
 
 def build(model: str, size: str, dtype, scan_backend: str = "auto", seed: int = 0):
@@ -144,12 +145,13 @@ def is_oom(error: Exception) -> bool:
 
 
 def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_backend,
-        out_dir, log=print) -> dict:
+        out_dir, max_minutes=None, log=print) -> dict:
   """Times every (size, model, batch) and returns the JSON dict.
 
   The Markdown table, JSON and PNG in ``out_dir`` are rewritten after every configuration, so a
-  sweep cut short keeps what it measured.
+  sweep cut short keeps what it measured; after ``max_minutes`` no new configuration starts.
   """
+  deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
   if prompt_len < 1 or new_tokens < 1:
     raise ValueError(f"prompt_len and new_tokens must be >= 1; got {prompt_len}, {new_tokens}")
   out_dir = pathlib.Path(out_dir)
@@ -162,12 +164,18 @@ def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_
                                        for k, v in ANCHORS.items()})
   for size in sizes:
     for model in models:
-      module, params = build(model, size, dtype, scan_backend)
-      generate = generate_fn(model, module)
-      failed = None
+      module = generate = params = failed = None
       for batch in batches:
         row = dict(size=size, model=model, params=params, batch=batch, prompt_len=prompt_len,
                    new_tokens=new_tokens)
+        if deadline is not None and time.monotonic() > deadline:
+          row.update(status="not run (time budget)", ms=None, tokens_per_s=None)
+          rows.append(row)
+          continue
+        if module is None:  # built only when a configuration runs
+          module, params = build(model, size, dtype, scan_backend)
+          generate = generate_fn(model, module)
+          row["params"] = params
         if failed:
           row.update(status=f"skipped after {failed}", ms=None, tokens_per_s=None)
         else:
@@ -189,6 +197,7 @@ def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_
             else row["status"]))
       del module, generate
       gc.collect()
+  write(result, out_dir)
   log("\n" + tables(result) + f"\n\nwrote {out_dir}/bench_generate.{{md,json,png}}")
   return result
 
@@ -219,15 +228,16 @@ def tables(result) -> str:
            f"{result['device']}."]
   for size in dict.fromkeys(r["size"] for r in rows):
     cell = {(r["model"], r["batch"]): r for r in rows if r["size"] == size}
-    params = {r["model"]: r["params"] for r in rows if r["size"] == size}
+    models = list(dict.fromkeys(r["model"] for r in rows if r["size"] == size))
+    params = {r["model"]: r["params"] for r in rows if r["size"] == size and r["params"]}
     head = ["batch"]
-    for m in params:
-      head += [f"{m} ({count(params[m])}) ms", f"{m} tok/s"]
+    for m in models:
+      head += [f"{m} ({count(params[m])}) ms" if m in params else f"{m} ms", f"{m} tok/s"]
     head.append("Mamba/Transformer")
     body = []
     for batch in dict.fromkeys(r["batch"] for r in rows if r["size"] == size):
       line = [batch]
-      for m in params:
+      for m in models:
         r = cell.get((m, batch))
         if r is None:  # not run yet
           line += [None, None]
@@ -300,7 +310,7 @@ def main(argv):
     if m not in ("mamba", "transformer"):
       raise app.UsageError(f"--models must be from ['mamba', 'transformer']; got {m!r}")
   run(models=FLAGS.models, dtype=jnp.dtype(FLAGS.dtype), scan_backend=FLAGS.scan_backend,
-      out_dir=FLAGS.out_dir, **kw)
+      out_dir=FLAGS.out_dir, max_minutes=FLAGS.max_minutes, **kw)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ flags.DEFINE_float("learning_rate", 3e-4, "AdamW learning rate.")
 flags.DEFINE_bool("isolate", None, "Run every configuration in its own process, so that the device "
                   "peak is its own; default: on unless --tiny.")
 flags.DEFINE_string("out_dir", "runs/bench_train", "Output directory.")
+flags.DEFINE_float("max_minutes", None, "Start no new configuration after this many minutes.")
 flags.DEFINE_string("child", None, "Internal: run one configuration given as JSON, print its row.")
 
 
@@ -158,12 +159,13 @@ def measure_isolated(**kw) -> dict:
 
 
 def run(*, size, backends, batches, length, steps, warmup, dtype, learning_rate, isolate, out_dir,
-        log=print) -> dict:
+        max_minutes=None, log=print) -> dict:
   """Measures every (backend, batch) and returns the JSON dict.
 
   The Markdown table and JSON in ``out_dir`` are rewritten after every configuration, so a sweep
-  cut short keeps what it measured.
+  cut short keeps what it measured; after ``max_minutes`` no new configuration starts.
   """
+  deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   rows = []
@@ -177,7 +179,11 @@ def run(*, size, backends, batches, length, steps, warmup, dtype, learning_rate,
     for backend in backends:
       kw = dict(size=size, backend=backend, batch=batch, length=length, steps=steps,
                 warmup=warmup, dtype=dtype, learning_rate=learning_rate)
-      row = measure_isolated(**kw) if isolate else measure(**kw)
+      if deadline is not None and time.monotonic() > deadline:
+        row = dict(size=size, backend=backend, batch=batch, length=length, dtype=dtype,
+                   status="not run (time budget)", ms=None, tokens_per_s=None)
+      else:
+        row = measure_isolated(**kw) if isolate else measure(**kw)
       rows.append(row)
       if result["device"] is None and "device" in row:
         result.update(device=row["device"], platform=row["platform"])
@@ -233,7 +239,7 @@ def main(argv):
     if b not in BACKENDS:
       raise app.UsageError(f"--backends must be from {list(BACKENDS)}; got {b!r}")
   run(backends=backends, dtype=FLAGS.dtype, learning_rate=FLAGS.learning_rate,
-      isolate=isolate, out_dir=FLAGS.out_dir, **kw)
+      isolate=isolate, out_dir=FLAGS.out_dir, max_minutes=FLAGS.max_minutes, **kw)
 
 
 if __name__ == "__main__":
