@@ -3,7 +3,7 @@
 The setting of the Mamba paper's inference figure (Gu & Dao, 2023, section 4.5, Figure 8): random
 weights in bfloat16, a prompt of 2048 tokens, 128 new tokens by greedy decoding, batch 1 to 128,
 at the ~130M and ~1.4B shapes. One measurement times the whole generate call (prefill included),
-after a warm-up call that compiles it; throughput is ``batch * new_tokens / seconds``.
+after warm-up calls that compile it; throughput is ``batch * new_tokens / seconds``.
 
 * Mamba: :meth:`ssmax.nn.MambaLM.generate` (parallel-scan prefill, then a jit-compiled loop of O(1)
   recurrent steps).
@@ -14,8 +14,8 @@ after a warm-up call that compiles it; throughput is ``batch * new_tokens / seco
 
 Writes ``--out_dir``/bench_generate.{md,json,png}: per size a table of milliseconds and new tokens
 per second with the Mamba/Transformer ratio at each batch size, and the official stack's numbers
-measured on an H100 (``ANCHORS``) beside them. A configuration that runs out of device memory is
-reported as OOM and larger batches of that model are not tried.
+measured on an H100 (``ANCHORS``) beside them. A configuration that runs out of device memory (or
+fails otherwise) is reported as such, and larger batches of that model are not tried.
 
   python -m experiments.bench_generate                 # GPU: both sizes, batch 1..128
   python -m experiments.bench_generate --tiny          # CPU smoke run in seconds
@@ -29,6 +29,7 @@ import json
 import pathlib
 import statistics
 import time
+import traceback
 from typing import Any, Callable
 
 import jax
@@ -61,13 +62,14 @@ ANCHORS = {
 }
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("tiny", False, "CPU smoke run: tiny shapes, prompt 9, 5 new tokens, batch 1 and 3.")
+flags.DEFINE_bool("tiny", False, "CPU smoke run: tiny shapes, prompt 9, 5 new tokens, batch 1, 3.")
 flags.DEFINE_list("sizes", ["130m", "1.4b"], f"Model sizes, from {sorted(SIZES)}.")
 flags.DEFINE_list("models", ["mamba", "transformer"], "Models to time: mamba, transformer.")
 flags.DEFINE_list("batches", ["1", "2", "4", "8", "16", "32", "64", "128"], "Batch sizes.")
 flags.DEFINE_integer("prompt_len", 2048, "Prompt length.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens generated after the prompt.")
 flags.DEFINE_integer("repeats", 3, "Timed calls per configuration (the median is reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed calls first (they compile).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.")
 flags.DEFINE_string("scan_backend", "auto", "Mamba's selective scan backend (prefill).")
 flags.DEFINE_string("out_dir", "runs/bench_generate", "Output directory.")
@@ -128,9 +130,14 @@ def generate_fn(model: str, module) -> Callable[[jax.Array, int], jax.Array]:
   return functools.partial(transformer_generate, module)
 
 
-def time_call(fn: Callable[[], Any], repeats: int) -> float:
-  """Median seconds of ``fn()`` (blocked until ready) over ``repeats`` calls after one warm-up."""
-  jax.block_until_ready(fn())
+def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+  """Median seconds of ``fn()`` (blocked until ready) over ``repeats`` calls after ``warmup``.
+
+  Two warm-up calls by default: with ``scan_backend="pallas"`` the second call was seen to
+  compile again.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -145,7 +152,7 @@ def is_oom(error: Exception) -> bool:
 
 
 def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_backend,
-        out_dir, max_minutes=None, log=print) -> dict:
+        out_dir, warmup=2, max_minutes=None, log=print) -> dict:
   """Times every (size, model, batch) and returns the JSON dict.
 
   The Markdown table, JSON and PNG in ``out_dir`` are rewritten after every configuration, so a
@@ -159,7 +166,8 @@ def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_
   rows = []
   result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                 jax=jax.__version__, dtype=jnp.dtype(dtype).name, scan_backend=scan_backend,
-                prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, rows=rows,
+                prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                rows=rows,
                 ratios=[], anchors_ms={k: {str(b): ms for b, ms in v.items()}
                                        for k, v in ANCHORS.items()})
   for size in sizes:
@@ -182,13 +190,14 @@ def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_
           prompt = jax.random.randint(jax.random.key(batch), (batch, prompt_len), 0,
                                       vocab_size(size))
           try:
-            seconds = time_call(lambda: generate(prompt, new_tokens), repeats)
+            seconds = time_call(lambda: generate(prompt, new_tokens), repeats, warmup)
             row.update(status="ok", ms=1e3 * seconds, tokens_per_s=batch * new_tokens / seconds)
-          except Exception as e:  # a large batch may not fit; keep the rest of the sweep
-            if not is_oom(e):
-              raise
-            failed = f"OOM at batch {batch}"
-            row.update(status="OOM", ms=None, tokens_per_s=None)
+          except Exception as e:  # keep the rest of the sweep; larger batches would fail too
+            status = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
+            if status != "OOM":
+              log(traceback.format_exc())
+            failed = f"{status.split(':')[0]} at batch {batch}"
+            row.update(status=status, ms=None, tokens_per_s=None)
         rows.append(row)
         result["ratios"] = ratios(rows)
         write(result, out_dir)
@@ -310,7 +319,7 @@ def main(argv):
     if m not in ("mamba", "transformer"):
       raise app.UsageError(f"--models must be from ['mamba', 'transformer']; got {m!r}")
   run(models=FLAGS.models, dtype=jnp.dtype(FLAGS.dtype), scan_backend=FLAGS.scan_backend,
-      out_dir=FLAGS.out_dir, max_minutes=FLAGS.max_minutes, **kw)
+      out_dir=FLAGS.out_dir, warmup=FLAGS.warmup, max_minutes=FLAGS.max_minutes, **kw)
 
 
 if __name__ == "__main__":

@@ -55,12 +55,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("tiny", False, "CPU smoke run: tiny model, length 16, batch 2, 3 steps.")
 flags.DEFINE_enum("size", "130m", list(SIZES), "Model shape.")
 flags.DEFINE_list("backends", None, "Scan backends to time; default: sequential, associative, "
-                  "pallas (with --tiny not pallas: off the GPU its interpret mode compiles slowly).")
+                  "pallas (with --tiny not pallas: its CPU interpret mode compiles slowly).")
 flags.DEFINE_list("batches", ["8", "16"], "Batch sizes.")
 flags.DEFINE_integer("length", 2048, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype; parameters float32.")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (params float32).")
 flags.DEFINE_float("learning_rate", 3e-4, "AdamW learning rate.")
 flags.DEFINE_bool("isolate", None, "Run every configuration in its own process, so that the device "
                   "peak is its own; default: on unless --tiny.")
@@ -171,8 +171,8 @@ def run(*, size, backends, batches, length, steps, warmup, dtype, learning_rate,
   rows = []
   # With isolate, this process never touches the device (JAX would preallocate its memory and
   # starve the children); the device is named by the rows.
-  result = dict(device=None, platform=None, jax=jax.__version__, size=size, length=length, dtype=dtype, steps=steps,
-                isolate=isolate, rows=rows,
+  result = dict(device=None, platform=None, jax=jax.__version__, size=size, length=length,
+                dtype=dtype, steps=steps, isolate=isolate, rows=rows,
                 anchors={str(b): dict(ms=a[0], tokens_per_s=a[1], peak_gib=a[2])
                          for b, a in ANCHORS.items()})
   for batch in batches:

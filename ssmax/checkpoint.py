@@ -97,7 +97,8 @@ def restore(directory, model: nnx.Module, optimizer: nnx.Optimizer | None = None
     if step is None:
       step = manager.latest_step()
     elif step not in steps:
-      raise ValueError(f"step {step!r} is not in {manager.directory}; saved steps are {sorted(steps)}")
+      raise ValueError(f"step {step!r} is not in {manager.directory}; saved steps are "
+                       f"{sorted(steps)}")
     saved_items = manager.item_metadata(step).keys()
     targets = {MODEL: model}
     if optimizer is not None:
@@ -126,4 +127,5 @@ def _check_modules(model, optimizer):
   if not isinstance(model, nnx.Module):
     raise ValueError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
   if optimizer is not None and not isinstance(optimizer, nnx.Optimizer):
-    raise ValueError(f"optimizer must be a flax.nnx.Optimizer or None; got {type(optimizer).__name__}")
+    raise ValueError("optimizer must be a flax.nnx.Optimizer or None; got "
+                     f"{type(optimizer).__name__}")

@@ -1,4 +1,4 @@
-"""Reading and writing the PyTorch Mamba checkpoints: Hugging Face ``transformers`` and ``mamba_ssm``.
+"""Reading and writing PyTorch Mamba checkpoints: Hugging Face ``transformers`` and ``mamba_ssm``.
 
 Both formats are a directory with ``config.json`` and the weights in ``model.safetensors`` or
 ``pytorch_model.bin`` (or shards of either listed in a ``*.index.json``). They differ in the config
@@ -170,7 +170,8 @@ def _fields_from_mamba_ssm(cfg):
     if key not in cfg:
       raise ValueError(f"mamba_ssm config lacks {key!r}; got keys {sorted(cfg)}")
   if cfg.get("d_intermediate", 0):
-    raise ValueError(f"config d_intermediate must be 0 (no MLP blocks); got {cfg['d_intermediate']!r}")
+    raise ValueError(f"config d_intermediate must be 0 (no MLP blocks); got "
+                     f"{cfg['d_intermediate']!r}")
   if cfg.get("attn_layer_idx"):
     raise ValueError(f"config attn_layer_idx must be empty (no attention layers); got "
                      f"{cfg['attn_layer_idx']!r}")

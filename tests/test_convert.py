@@ -173,7 +173,8 @@ def test_bfloat16_safetensors_load_exactly(tmp_path):
                                   state[prefix + "in_proj.weight"].float().numpy().T)
     np.testing.assert_array_equal(np.asarray(got.conv1d.kernel[...])[:, 0, :],
                                   state[prefix + "conv1d.weight"].float().numpy()[:, 0, :].T)
-    np.testing.assert_array_equal(np.asarray(got.A_log[...]), state[prefix + "A_log"].float().numpy())
+    np.testing.assert_array_equal(np.asarray(got.A_log[...]),
+                                  state[prefix + "A_log"].float().numpy())
   assert ours.embedding.embedding[...].dtype == jnp.float32
 
 
