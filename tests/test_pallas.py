@@ -1,0 +1,134 @@
+"""The fused Pallas selective scan (interpret mode on CPU) against independent float64 references.
+
+Shapes are small and odd: length 37 with chunks shorter than it, so that several chunks, several
+sequence splits and a ragged last chunk are all exercised; channels not a power of two; B and C with
+different group counts.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssmax
+from ssmax import pallas as ssmax_pallas
+import scan_oracle as oracle
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def _grouped(kw, rng, gb, gc):
+  b, l, _ = kw["u"].shape
+  n = kw["A"].shape[1]
+  kw["B"] = rng.normal(size=(b, l, gb, n)).astype(kw["u"].dtype)
+  kw["C"] = rng.normal(size=(b, l, gc, n)).astype(kw["u"].dtype)
+  return kw
+
+
+@pytest.mark.parametrize("config", [None, ssmax_pallas.Config(chunk=4, splits=1)],
+                         ids=["public", "one_split"])
+def test_forward_and_last_state_fp32(config):
+  kw = oracle.random_inputs(11, b=2, l=37, d=5, n=3)
+  want_y, want_last = oracle.numpy_scan(**kw)
+  if config is None:  # through the public API
+    y, last = ssmax.selective_scan(**{k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
+                                      for k, v in kw.items()},
+                                   return_last_state=True, backend="pallas")
+  else:
+    x = {k: jnp.asarray(kw[k]) for k in NAMES}
+    x["B"], x["C"] = x["B"][:, :, None], x["C"][:, :, None]
+    y, last = ssmax_pallas.selective_scan(**x, delta_softplus=True, interpret=True, config=config)
+  assert y.dtype == jnp.float32 and last.dtype == jnp.float32
+  assert last.shape == (2, 5, 3)
+  assert oracle.rel_err(y, want_y) < 2e-4
+  assert oracle.rel_err(last, want_last) < 2e-4
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_forward_half_precision_inputs(dtype):
+  kw = oracle.random_inputs(12, b=2, l=37, d=6, n=4, dtype=np.float32)
+  kw = _grouped(kw, np.random.default_rng(3), 2, 3)
+  x = {k: (jnp.asarray(v, dtype) if k in ("u", "delta", "z", "B", "C") else jnp.asarray(v))
+       for k, v in kw.items() if k != "delta_softplus"}
+  # The oracle sees exactly the rounded inputs.
+  want_y, want_last = oracle.numpy_scan(**{k: np.asarray(v, np.float32) for k, v in x.items()},
+                                        delta_softplus=True)
+  y, last = ssmax.selective_scan(**x, delta_softplus=True, return_last_state=True,
+                                 backend="pallas")
+  assert y.dtype == dtype
+  assert oracle.rel_err(y, want_y) < 2e-2
+  assert oracle.rel_err(last, want_last) < 2e-2
+
+
+@functools.lru_cache(maxsize=None)
+def _gradients():
+  """Pallas gradients (twice) and float64 reference gradients of one loss using y and last_state."""
+  rng = np.random.default_rng(21)
+  kw = _grouped(oracle.random_inputs(13, b=2, l=37, d=6, n=3), rng, 3, 2)
+  wy = rng.normal(size=(2, 37, 6)).astype(np.float32)
+  wl = rng.normal(size=(2, 6, 3)).astype(np.float32)
+  args = [jnp.asarray(kw[k]) for k in NAMES]
+  config = ssmax_pallas.Config(chunk=4, splits=3)
+
+  def loss(*a):
+    y, last = ssmax_pallas.selective_scan(*a, delta_softplus=True, interpret=True, config=config)
+    return jnp.sum(y * wy) + jnp.sum(last * wl)
+
+  grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(NAMES)))))
+  got, again = grad(*args), grad(*args)
+  with jax.enable_x64(True):
+    def loss64(*a):
+      y, last = oracle.jax64_scan(**dict(zip(NAMES, a)), delta_softplus=True)
+      return jnp.sum(y * jnp.asarray(wy, jnp.float64)) + jnp.sum(last * jnp.asarray(wl, jnp.float64))
+
+    want = jax.grad(loss64, argnums=tuple(range(len(NAMES))))(
+        *[jnp.asarray(np.asarray(a), jnp.float64) for a in args])
+    want = [np.asarray(w) for w in want]
+  return args, got, again, want
+
+
+@pytest.mark.parametrize("index", range(len(NAMES)), ids=NAMES)
+def test_gradient_vs_float64(index):
+  args, got, _, want = _gradients()
+  assert got[index].shape == args[index].shape
+  assert got[index].dtype == args[index].dtype
+  assert np.all(np.isfinite(np.asarray(got[index])))
+  assert oracle.rel_err(got[index], want[index]) < 1e-3
+
+
+def test_backward_is_deterministic():
+  _, got, again, _ = _gradients()
+  for a, b in zip(got, again):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_unsupported_reason_complex_a():
+  kw = oracle.random_inputs(14, b=1, l=5, d=2, n=2, complex_a=True)
+  x = ssmax.scan.check_inputs(**{k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
+                                 for k, v in kw.items()})
+  reason = ssmax_pallas.unsupported_reason(*x[:9])
+  assert reason is not None and "complex A" in reason
+
+
+def test_unsupported_reason_large_state():
+  kw = oracle.random_inputs(15, b=1, l=3, d=2, n=257, with_state=False)
+  x = ssmax.scan.check_inputs(**{k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
+                                 for k, v in kw.items()})
+  reason = ssmax_pallas.unsupported_reason(*x[:9])
+  assert reason is not None and "257" in reason
+  kw = oracle.random_inputs(15, b=1, l=3, d=2, n=256, with_state=False)
+  x = ssmax.scan.check_inputs(**{k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
+                                 for k, v in kw.items()})
+  assert ssmax_pallas.unsupported_reason(*x[:9]) is None
+
+
+def test_explicit_pallas_raises_and_auto_falls_back():
+  kw = oracle.random_inputs(16, b=1, l=5, d=2, n=2, complex_a=True)
+  kw = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+  with pytest.raises(ValueError, match='backend="pallas" cannot take these inputs: complex A'):
+    ssmax.selective_scan(**kw, backend="pallas")
+  y = ssmax.selective_scan(**kw, backend="auto")
+  want, _ = oracle.numpy_scan(**kw)
+  assert oracle.rel_err(y, want) < 2e-4
