@@ -220,6 +220,17 @@ def test_untied_head_matches_numpy_loop():
   assert rel_err(_apply(model, tokens), lm(model, tokens)) < 2e-4
 
 
+def test_pretrained_round_trip(tiny_lm, tmp_path):
+  tiny_lm.save_pretrained(tmp_path)
+  loaded = snn.MambaLM.from_pretrained(tmp_path)
+  assert loaded.config.padded_vocab_size == 40 and loaded.config.d_model == 5
+  want = nnx.to_flat_state(nnx.state(tiny_lm, nnx.Param))
+  got = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
+  assert len(got) == len(want)
+  for path, v in want:
+    np.testing.assert_array_equal(np.asarray(got[path].get_value()), np.asarray(v.get_value()))
+
+
 def test_rms_norm_matches_numpy():
   norm = perturb(snn.RMSNorm(7, eps=1e-3), 10)
   x = jax.random.normal(jax.random.key(11), (3, 5, 7))

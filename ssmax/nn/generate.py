@@ -60,7 +60,7 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, key: jax.Array | 
     prompt: ``(batch, prompt_length)`` integer token ids, ``prompt_length >= 1``.
     max_new_tokens: number of tokens to append, ``>= 0``.
     key: PRNG key, required when ``temperature > 0``.
-    temperature: 0 (default) is greedy decoding.
+    temperature: 0 (default) is greedy decoding; ``top_k`` and ``top_p`` then have no effect.
     top_k: optional positive int, at most ``vocab_size``.
     top_p: optional float in ``(0, 1]``.
 

@@ -46,6 +46,22 @@ class MambaLM(nnx.Module):
                                 kernel_init=inits.torch_uniform(c.d_model), dtype=c.dtype,
                                 param_dtype=c.param_dtype, rngs=rngs)
 
+  @classmethod
+  def from_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                      scan_backend: str = "auto") -> "MambaLM":
+    """Loads a ``transformers`` or ``mamba_ssm`` checkpoint directory; see
+    :func:`ssmax.convert.load_pretrained`."""
+    from ssmax import convert  # the io layer sits above nn; imported only when used
+
+    return convert.load_pretrained(path, dtype=dtype, param_dtype=param_dtype,
+                                   scan_backend=scan_backend)
+
+  def save_pretrained(self, path):
+    """Writes the ``transformers`` format; see :func:`ssmax.convert.save_pretrained`."""
+    from ssmax import convert
+
+    return convert.save_pretrained(self, path)
+
   @property
   def residual_dtype(self):
     return jnp.float32 if self.config.residual_in_fp32 else self.config.dtype
