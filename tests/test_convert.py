@@ -122,7 +122,7 @@ def tied(tmp_path_factory):
 
 def test_transformers_tied_logits_and_greedy(tied):
   model, path = tied
-  ours = convert.load_pretrained(path)
+  ours = MambaLM.from_pretrained(path)
   assert ours.config.vocab_size == VOCAB and ours.config.tie_embeddings
   assert not hasattr(ours, "lm_head")
   # Rows added by the padding are zeros.
@@ -145,7 +145,7 @@ def test_transformers_untied_with_biases_sharded_logits(tmp_path):
 def test_mamba_ssm_bin_tied_padded_vocab_logits_and_greedy(tied, tmp_path):
   model, _ = tied
   state = _write_mamba_ssm(model, tmp_path / "mamba_ssm", extra_rows=PADDED - VOCAB)
-  ours = convert.load_pretrained(tmp_path / "mamba_ssm")
+  ours = MambaLM.from_pretrained(tmp_path / "mamba_ssm")
   # The checkpoint's own padding rows are kept.
   np.testing.assert_array_equal(np.asarray(ours.embedding.embedding[...]),
                                 state["backbone.embedding.weight"].numpy())
@@ -207,7 +207,7 @@ def _random_model(seed, **kw):
 @pytest.mark.parametrize("tie", [True, False])
 def test_save_pretrained_loads_in_transformers_and_back(tmp_path, tie):
   ours = _random_model(9, tie_embeddings=tie, bias=not tie)
-  convert.save_pretrained(ours, tmp_path)
+  ours.save_pretrained(tmp_path)
   theirs = transformers.MambaForCausalLM.from_pretrained(tmp_path).eval()
   assert theirs.config.vocab_size == PADDED
   tokens = _prompt(10)
