@@ -175,21 +175,24 @@ class MambaMixer(nnx.Module):
     _checks.shape("x", x, (None, None, self.d_model), "(batch, length, d_model)")
     if l < 1:
       raise ValueError(f"x must have length >= 1 along axis 1; got shape {x.shape}")
+    fresh = state is None  # no carried state: no initial SSM state either (cheaper for the scan)
     state = self._check_state(state, b)
 
     xs, z = self._in_proj(x)
     history = jnp.concatenate([state.conv.astype(xs.dtype), xs], axis=1)
     u = jax.nn.silu(self.conv1d(history[:, 1:]))  # (b, l, d_inner)
+    h0 = None if fresh else state.ssm
     if self.ssm == "selective":
       dt, B, C = self._x_proj(u)
-      y, last = selective_scan(u, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), B, C,
-                               D=self.D[...], z=z, delta_bias=self.dt_proj.bias[...],
-                               delta_softplus=True, initial_state=state.ssm,
-                               return_last_state=True, backend=self.scan_backend)
+      y = selective_scan(u, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), B, C,
+                         D=self.D[...], z=z, delta_bias=self.dt_proj.bias[...],
+                         delta_softplus=True, initial_state=h0, return_last_state=return_state,
+                         backend=self.scan_backend)
     else:
-      y, last = self.s4d(u, state.ssm, return_state=True)
-      if z is not None:
-        y = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+      y = self.s4d(u, h0, return_state=return_state)
+    y, last = y if return_state else (y, None)
+    if self.ssm == "s4d" and z is not None:
+      y = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
     out = self.out_proj(y.astype(self.dtype))
     if not return_state:
       return out
