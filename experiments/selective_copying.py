@@ -42,11 +42,11 @@ class Preset:
 PRESETS = {
     # Short sequences and a small model so that two models train in a few CPU minutes; the
     # selective model already solves it while the LTI one stays near chance.
-    "quick": Preset(task=tasks.SelectiveCopying(length=128, num_tokens=4, vocab_size=16),
+    "quick": Preset(task=tasks.SelectiveCopying(length=64, num_tokens=4, vocab_size=16),
                     shape=models.ModelShape(vocab_size=16, d_model=32, n_layer=2, d_state=16,
                                             scan_backend="sequential"),
-                    models=("s4", "mamba_s6"), steps=1500, batch_size=32, learning_rate=3e-3,
-                    log_every=50, eval_every=500, eval_examples=256, checkpoint_every=0),
+                    models=("s4", "mamba_s6"), steps=1000, batch_size=32, learning_rate=5e-3,
+                    log_every=50, eval_every=250, eval_examples=256, checkpoint_every=0),
     # Appendix E.1: length 4096, vocabulary 16, 16 data tokens, 2 layers, D = 64, batch 64,
     # constant learning rate 1e-4, 400K steps.
     "paper": Preset(task=tasks.SelectiveCopying(length=4096, num_tokens=16, vocab_size=16),

@@ -170,7 +170,7 @@ def evaluate(model: nnx.Module, task, key: jax.Array, examples: int, batch_size:
         raise FloatingPointError(f"non-finite logits while evaluating at length {length}")
       totals += (float(loss_sum), float(correct), float(count))
   count = max(totals[2], 1.0)
-  return totals[1] / count, totals[0] / count
+  return float(totals[1] / count), float(totals[0] / count)
 
 
 # ------------------------------------------------------------------------------------------------
