@@ -1,4 +1,5 @@
-"""Recurrent inference: step == forward, prefill + cache, greedy generation, sampling, cache size."""
+"""Recurrent inference: step == forward, prefill + cache, greedy generation, sampling, cache size.
+"""
 
 import functools
 
@@ -130,7 +131,8 @@ def test_sampling_settings(model):
   prompt = tokens_for(model, (3, 5), 12)
   greedy = model.generate(prompt, 7)
   key = jax.random.key(13)
-  np.testing.assert_array_equal(model.generate(prompt, 7, key=key, temperature=0.7, top_k=1), greedy)
+  top1 = model.generate(prompt, 7, key=key, temperature=0.7, top_k=1)
+  np.testing.assert_array_equal(top1, greedy)
   a = model.generate(prompt, 7, key=key, temperature=1.5)
   np.testing.assert_array_equal(a, model.generate(prompt, 7, key=key, temperature=1.5))
   assert not np.array_equal(a, model.generate(prompt, 7, key=jax.random.key(14), temperature=1.5))
@@ -166,7 +168,8 @@ def test_cache_size_does_not_grow_with_tokens(model):
   cache = model.init_cache(2)
   assert cache_lib.nbytes(cache) == want
   for _ in range(3):
-    _, cache = jax.eval_shape(lambda m, c, t: m.step(c, t), model, cache, jnp.zeros((2,), jnp.int32))
+    _, cache = jax.eval_shape(lambda m, c, t: m.step(c, t), model, cache,
+                              jnp.zeros((2,), jnp.int32))
     sizes.append(cache_lib.nbytes(cache))
   assert sizes == [want] * 6
   # The decode loop's carry is the cache: its shapes do not depend on max_new_tokens.

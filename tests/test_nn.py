@@ -113,7 +113,7 @@ def s4_system(layer):
 
 
 def lti_recurrence(Ab, Bb, C, D, u, h0=None):
-  """x' = Ab x + Bb u_t, y_t = Re(C x') + D u_t per channel; Ab diagonal (H, M) or dense (H, M, M)."""
+  """x' = Ab x + Bb u_t, y_t = Re(C x') + D u_t per channel; Ab (H, M) diagonal or (H, M, M)."""
   b, length, H = u.shape
   h = np.zeros((b,) + Bb.shape, complex) if h0 is None else np.array(h0, complex)
   y = np.zeros(u.shape)
@@ -379,7 +379,8 @@ def test_lm_rejects_bad_tokens(tiny_lm):
   model = tiny_lm
   with pytest.raises(ValueError, match="tokens must have an integer dtype; got float32"):
     model(jnp.zeros((1, 4), jnp.float32))
-  with pytest.raises(ValueError, match=r"tokens must have rank 2 \(batch, length\); got shape \(4,\)"):
+  with pytest.raises(ValueError,
+                     match=r"tokens must have rank 2 \(batch, length\); got shape \(4,\)"):
     model(jnp.zeros((4,), jnp.int32))
   with pytest.raises(ValueError, match=r"tokens must lie in \[0, 40\); got values in \[0, 40\]"):
     model(jnp.array([[0, 40]]))

@@ -1,8 +1,8 @@
-"""Mamba's mixer: in_proj -> causal depthwise conv1d -> SiLU -> x_proj -> (Δ, B, C) -> selective scan
--> gate with SiLU(z) -> out_proj (Mamba paper, Figure 3 and Algorithm 2).
+"""Mamba's mixer: in_proj -> causal depthwise conv1d -> SiLU -> x_proj -> (Δ, B, C) -> selective
+scan -> gate with SiLU(z) -> out_proj (Mamba paper, Figure 3 and Algorithm 2).
 
-Parameter names and initialisation follow the official ``mamba_ssm.modules.mamba_simple.Mamba``, so a
-PyTorch checkpoint converts by renaming and transposing:
+Parameter names and initialisation follow the official ``mamba_ssm.modules.mamba_simple.Mamba``,
+so a PyTorch checkpoint converts by renaming and transposing:
 
 ====================  =============================  ==========================================
 ssmax                 shape                          mamba_ssm (PyTorch)
@@ -19,8 +19,8 @@ ssmax                 shape                          mamba_ssm (PyTorch)
 ``out_proj.kernel``   ``(d_inner, d_model)``         ``out_proj.weight.T``
 ====================  =============================  ==========================================
 
-``x_proj``'s output splits as ``[Δ (dt_rank), B (N), C (N)]`` and ``in_proj``'s as ``[x, z]``, as in
-the official code. With ``ssm="s4d"`` the inner SSM is linear time-invariant instead: per-channel
+``x_proj``'s output splits as ``[Δ (dt_rank), B (N), C (N)]`` and ``in_proj``'s as ``[x, z]``, as
+in the official code. With ``ssm="s4d"`` the inner SSM is linear time-invariant instead: per-channel
 learned Δ, A, B, C and D in an :class:`~ssmax.nn.S4DLayer` attribute ``s4d`` (S4D-Real init by
 default); there is no ``x_proj``, ``dt_proj``, ``A_log`` or ``D`` and the SSM runs as an FFT
 convolution with an :mod:`ssmax.lti` kernel.
@@ -76,7 +76,8 @@ class MambaMixer(nnx.Module):
       d_conv: width of the causal depthwise convolution.
       expand: ``d_inner = expand * d_model``.
       dt_rank: rank of the Δ projection, ``"auto"`` = ``ceil(d_model / 16)``.
-      dt_min, dt_max, dt_init, dt_scale, dt_init_floor: Δ initialisation (see :class:`MambaConfig`).
+      dt_min, dt_max, dt_init, dt_scale, dt_init_floor: Δ initialisation (see
+        :class:`MambaConfig`).
       conv_bias: bias in ``conv1d``.
       bias: bias in ``in_proj`` and ``out_proj`` (initialised to zero, as the official LM does).
       gated: gate the SSM output with ``SiLU(z)``; False drops the ``z`` half of ``in_proj``.

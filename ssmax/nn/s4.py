@@ -6,8 +6,8 @@ Each layer has two views with one set of parameters (S4 paper, Section 2):
   ``y = causal_conv(u, K) + D u`` by FFT;
 * recurrence (generation): ``x' = Ab x + Bb u_t``, ``y_t = Re(C x') + D u_t`` per channel.
 
-Complex parameters are stored as real pairs (``*_re``/``*_im``, or ``A_log``/``A_im`` for the diagonal
-``A = -exp(A_log) + i A_im``) so that optimisers see real arrays. ``Δ`` is per channel,
+Complex parameters are stored as real pairs (``*_re``/``*_im``, or ``A_log``/``A_im`` for the
+diagonal ``A = -exp(A_log) + i A_im``) so that optimisers see real arrays. ``Δ`` is per channel,
 ``dt = exp(log_dt)`` initialised log-uniform in ``[dt_min, dt_max]``.
 """
 
@@ -163,7 +163,8 @@ class S4DLayer(nnx.Module):
     return y.astype(u.dtype), last.astype(h0.dtype)
 
   def step(self, state: jax.Array, u_t: jax.Array):
-    """Recurrent mode: ``state (batch, H, M)``, ``u_t (batch, H)`` -> ``(y_t (batch, H), state)``."""
+    """Recurrent mode: ``state (batch, H, M)``, ``u_t (batch, H)`` -> ``(y_t (batch, H), state)``.
+    """
     _check_step(state, u_t, (self.d_model, self.modes))
     Ab, Bb, C = self.discrete()
     u32 = u_t.astype(jnp.float32)
