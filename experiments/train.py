@@ -245,6 +245,9 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
         (run_dir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
   start = 0
+  if manager is not None and manager.latest_step() is not None and not config.resume:
+    raise ValueError(f"run_dir {str(run_dir)!r} already holds checkpoints (latest step "
+                     f"{manager.latest_step()}); resume it or choose another directory")
   if config.resume and manager is not None and manager.latest_step() is not None:
     start = manager.latest_step()
     target = {"model": nnx.to_pure_dict(nnx.state(model)),
@@ -261,6 +264,9 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
 
   metrics_path = run_dir / "metrics.jsonl"
   records = _read_records(metrics_path, start) if start else []
+  # The final evaluation is always redone, so a finished run resumed keeps one copy of it.
+  records = [r for r in records if not (r["kind"] == "eval" and r["step"] == config.steps)]
+  time_offset = max((r["time_s"] for r in records if r["kind"] == "train"), default=0.0)
   metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
   sample = sampler(task, config.batch_size, sharded)
@@ -290,7 +296,7 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
     if done % config.log_every == 0 or done == config.steps:
       n = config.log_every if done % config.log_every == 0 else done % config.log_every
       record = {"kind": "train", "step": done, "loss": float(window_loss) / n,
-                "accuracy": float(window_acc) / n, "time_s": round(time.perf_counter() - t0, 3)}
+                "accuracy": float(window_acc) / n, "time_s": round(time_offset + time.perf_counter() - t0, 3)}
       if not math.isfinite(record["loss"]):
         raise FloatingPointError(f"training loss became {record['loss']} at step {done}")
       log(record)

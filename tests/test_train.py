@@ -84,6 +84,9 @@ def test_resume_after_crash_is_bit_identical(tmp_path):
   file_records = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
   assert _strip_time(file_records) == _strip_time(full.records)
   assert resumed.final_accuracy == full.final_accuracy
+  # Resuming a finished run only redoes the final evaluation.
+  again = train.train(_make, TASK, dataclasses.replace(config, resume=True), tmp_path / "cut")
+  assert _strip_time(again.records) == _strip_time(full.records)
 
 
 _FOUR_DEVICE_SCRIPT = textwrap.dedent("""
@@ -152,6 +155,14 @@ def test_evaluate_raises_on_nan():
 def test_evaluate_rejects_chunk_not_dividing_length():
   with pytest.raises(ValueError, match="chunk must divide the task length 19"):
     train.evaluate(_make(nnx.Rngs(0)), TASK, jax.random.key(0), examples=2, batch_size=2, chunk=5)
+
+
+def test_train_refuses_to_overwrite_checkpoints(tmp_path):
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  config = train.TrainConfig(steps=8, batch_size=2, learning_rate=1e-3, log_every=2, checkpoint_every=4,
+                             progress=False)
+  with pytest.raises(ValueError, match="already holds checkpoints \\(latest step 4\\); resume it"):
+    train.train(_make, TASK, config, tmp_path)
 
 
 def test_config_rejects_checkpoint_every_off_log_grid():
