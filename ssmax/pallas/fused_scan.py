@@ -70,6 +70,7 @@ class Config:
   num_warps: int | None = None
   bwd_block_channels: int | None = None
   bwd_num_warps: int | None = None
+  bwd_reload: bool = True
   target_programs: int = 2048
 
 
@@ -98,6 +99,7 @@ class _Plan:
   has_bias: bool
   softplus: bool
   interpret: bool
+  reload: bool = False
 
   @property
   def channel_programs(self) -> int:
@@ -137,7 +139,7 @@ def _make_plan(u, B, C, A, D, z, delta_bias, softplus, interpret, config: Config
   splits = -(-chunks // cps)
   return _Plan(b, l, d, n, gb, gc, g, cpg, block, sub_blocks, np_, chunk, chunks, cps, splits,
                num_warps, D is not None, z is not None, delta_bias is not None, softplus,
-               interpret)
+               interpret, reload=backward and config.bwd_reload)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +323,24 @@ def _split_decay(at, dsum):
   return jnp.exp(at[None, None] * dsum[:, :, None, :])
 
 
+def _affine_scan(decay, local, start, reverse):
+  """Inclusive scan over axis 1 of x_k = decay_k x_{k-1} + local_k from x_{-1} = start.
+
+  ``lax.associative_scan`` (log depth) rather than ``lax.scan``: one sequential XLA step per split
+  would cost microseconds each.
+  """
+  local = local.at[:, -1 if reverse else 0].add(
+      decay[:, -1 if reverse else 0] * start)
+
+  def combine(first, second):  # `first` is applied first
+    a1, b1 = first
+    a2, b2 = second
+    return a1 * a2, a2 * b1 + b2
+
+  _, out = lax.associative_scan(combine, (decay, local), axis=1, reverse=reverse)
+  return out
+
+
 def _forward(p: _Plan, u, delta, at, B, C, D, z, bias, h0t):
   """Returns y, states entering chunks (b, chunks, n, d) and last state (b, n, d), transposed."""
   b, l, d, n, k = p.batch, p.length, p.channels, p.state, p.splits
@@ -390,10 +410,16 @@ def _bwd_kernel(*refs, p: _Plan):
   (hs_ref, dy_ref, gend_ref, du_ref, ddelta_ref, dz_ref, dbp_ref, dcp_ref, gstart_ref, dap_ref,
    ddp_ref, dbiasp_ref) = rest
   g = _Program(p)
-  at = g.tile(r["at"])
-  a2 = at * _LOG2E
+  a2 = g.tile(r["at"]) * _LOG2E
   bias = g.vec(r["bias"]) if p.has_bias else None
   dskip = g.vec(r["D"]) if p.has_d else None
+
+  def step_inputs(t, valid):
+    u = g.row(r["u"], t, valid)
+    dt, dsp = g.delta(g.row(r["delta"], t, valid), bias, valid)
+    dy = g.row(dy_ref, t, valid)
+    dout, z = _dout(g, r, t, valid, dy)
+    return u, dt, dsp, dy, dout, z
 
   def chunk(ci, carry):
     gs, da_acc, dd_acc, dbias_acc = carry
@@ -405,15 +431,12 @@ def _bwd_kernel(*refs, p: _Plan):
     for s in range(p.chunk):
       t = c * p.chunk + s
       valid = g.valid(t)
-      u = g.row(r["u"], t, valid)
-      dt, dsp = g.delta(g.row(r["delta"], t, valid), bias, valid)
+      u, dt, dsp, dy, dout, z = step_inputs(t, valid)
       bt = g.bc_row(r["B"], t, g.gb, valid)
+      ct = g.bc_row(r["C"], t, g.gc, valid)
       h = _exp2(dt[None, :] * a2, p.interpret) * h + bt * (dt * u)[None, :]
       states.append(h)
-      dy = g.row(dy_ref, t, valid)
-      dout, z = _dout(g, r, t, valid, dy)
       if p.has_z:
-        ct = g.bc_row(r["C"], t, g.gc, valid)
         out = jnp.sum(ct * h, axis=0)
         if p.has_d:
           out = out + dskip * u
@@ -424,10 +447,16 @@ def _bwd_kernel(*refs, p: _Plan):
                   mask=g.nmask if valid is None else g.nmask & valid)
       if p.has_d:
         dd_acc = dd_acc + dout * u
-      steps.append((t, valid, u, dt, dsp, dout))
-    # Walk back over the chunk.
+      steps.append((u, dt, dsp, dout))
+    # Walk back over the chunk. Reloading a step's inputs (cache hits) instead of keeping them
+    # live across the chunk spares registers.
     for s in reversed(range(p.chunk)):
-      t, valid, u, dt, dsp, dout = steps[s]
+      t = c * p.chunk + s
+      valid = g.valid(t)
+      if p.reload:
+        u, dt, dsp, _, dout, _ = step_inputs(t, valid)
+      else:
+        u, dt, dsp, dout = steps[s]
       bt = g.bc_row(r["B"], t, g.gb, valid)
       ct = g.bc_row(r["C"], t, g.gc, valid)
       gs = gs + ct * dout[None, :]
@@ -435,7 +464,7 @@ def _bwd_kernel(*refs, p: _Plan):
       gdh = gs * decay * states[s]
       da_acc = da_acc + gdh * dt[None, :]
       gb_sum = jnp.sum(gs * bt, axis=0)
-      ddt = jnp.sum(gdh * at, axis=0) + gb_sum * u
+      ddt = jnp.sum(gdh * a2, axis=0) * (1.0 / _LOG2E) + gb_sum * u
       du = gb_sum * dt
       if p.has_d:
         du = du + dskip * dout
@@ -471,17 +500,9 @@ def _backward(p: _Plan, res, dy, dlast_t):
     gloc, dsum = _call(_bwd_local_kernel, p, (
         jax.ShapeDtypeStruct((b, k, n, d), f32), jax.ShapeDtypeStruct((b, k, d), f32)),
         *ins, dy)
-    decay = _split_decay(at, dsum)
-
-    def step(gnext, xs):
-      dec, loc = xs
-      gk = dec * gnext + loc
-      return gk, gk
-
-    # gend[k] = decay[k+1] * gend[k+1] + gloc[k+1]; gend[K-1] = dlast.
-    _, gend = lax.scan(step, dlast_t, (jnp.moveaxis(decay[:, 1:], 1, 0),
-                                       jnp.moveaxis(gloc[:, 1:], 1, 0)), reverse=True)
-    gend = jnp.concatenate([jnp.moveaxis(gend, 0, 1), dlast_t[:, None]], axis=1)
+    # gend[k] = decay[k+1] gend[k+1] + gloc[k+1], gend[K-1] = dlast: the same scan, reversed.
+    before = _affine_scan(_split_decay(at, dsum)[:, 1:], gloc[:, 1:], dlast_t, reverse=True)
+    gend = jnp.concatenate([before, dlast_t[:, None]], axis=1)
   else:
     gend = dlast_t[:, None]
   nprog = p.channel_programs
