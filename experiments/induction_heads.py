@@ -42,6 +42,7 @@ class Preset:
   test_examples: int  # per length, at most
   test_tokens: int  # per length, at most: long lengths get fewer examples (at least one)
   eval_chunk: int
+  eval_batch_tokens: int  # tokens per forward pass when testing
   transformer_max_test_length: int
 
 
@@ -51,8 +52,8 @@ PRESETS = {
                                             max_len=2**12, scan_backend="sequential"),
                     models=("mamba_s6", "mha_abs"), steps=1200, batch_size=32, learning_rate=3e-3,
                     log_every=50, eval_every=400, eval_examples=256, checkpoint_every=0,
-                    min_test_log2=6, max_test_log2=16, test_examples=64, test_tokens=2**17,
-                    eval_chunk=2**12, transformer_max_test_length=2**12),
+                    min_test_log2=6, max_test_log2=16, test_examples=128, test_tokens=2**18,
+                    eval_chunk=2**12, eval_batch_tokens=2**15, transformer_max_test_length=2**12),
     # Appendix E.1: vocabulary 16, train length 256, batch 8, constant lr 1e-3, 2 layers, D = 64;
     # 25 "epochs" of 8192 steps (the paper's Mamba and MHA-Abs; MHA-RoPE had 50).
     "paper": Preset(task=tasks.InductionHeads(length=256, vocab_size=16),
@@ -61,8 +62,13 @@ PRESETS = {
                     models=("mamba_s6", "mha_abs", "mha_rope"), steps=8192 * 25, batch_size=8,
                     learning_rate=1e-3, log_every=256, eval_every=8192, eval_examples=512,
                     checkpoint_every=8192, min_test_log2=6, max_test_log2=20, test_examples=256,
-                    test_tokens=2**22, eval_chunk=2**13, transformer_max_test_length=2**14),
+                    test_tokens=2**22, eval_chunk=2**13, eval_batch_tokens=2**18,
+                    transformer_max_test_length=2**14),
 }
+
+
+# Attention scores per test forward pass, at most (256 MiB in float32).
+ATTENTION_SCORES = 2**26
 
 
 def test_lengths(preset: Preset) -> list[int]:
@@ -77,7 +83,10 @@ def accuracy_by_length(model, name: str, preset: Preset, seed: int) -> dict[int,
       out[length] = None
       continue
     examples = max(1, min(preset.test_examples, preset.test_tokens // length))
-    batch = max(1, min(examples, preset.test_tokens // 4 // min(length, preset.eval_chunk)))
+    per_pass = min(length, preset.eval_chunk)
+    batch = max(1, min(examples, preset.eval_batch_tokens // per_pass))
+    if name in models.TRANSFORMER_MODELS:  # attention scores (batch, heads, chunk, length)
+      batch = max(1, min(batch, ATTENTION_SCORES // (preset.shape.n_head * per_pass * length)))
     key = jax.random.fold_in(jax.random.key(seed + 1_000_003), length)
     accuracy, _ = train.evaluate(model, preset.task.with_length(length), key, examples, batch,
                                  chunk=preset.eval_chunk)
