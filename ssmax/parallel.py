@@ -182,6 +182,33 @@ def local_piece(x: jax.Array, axis_name: str) -> jax.Array:
   return lax.dynamic_slice_in_dim(x, lax.axis_index(axis_name) * piece, piece, axis=1)
 
 
+def pass_state(decay: jax.Array, last: jax.Array, axis_name: str,
+               initial_state: jax.Array | None = None):
+  """State passing for a diagonal linear recurrence whose length is split over ``axis_name``.
+
+  Each shard ran its piece from zero state. With ``h_out = decay * h_in + last`` per shard
+  (elementwise; ``decay`` the product of the shard's transitions, e.g. ``exp(A ΣΔ)`` or
+  ``Ab ** length``), returns the state entering this shard and the state after the whole sequence.
+
+  Args:
+    decay: ``(batch, channels, state)`` (any shape) this shard's total transition.
+    last: like ``decay``: this shard's final state, started from zero.
+    axis_name: the mesh axis the length is split over (bound by an enclosing ``shard_map``).
+    initial_state: optional state before the first shard (zeros if None), same on all shards.
+
+  Returns:
+    ``(entering, final)`` in ``last.dtype``; ``final`` is the same on every shard of the axis.
+
+  Raises:
+    ValueError: on mismatched shapes or an unbound axis.
+  """
+  _checks.shape("last", last, _checks.shape_of(decay), "like decay")
+  if initial_state is not None:
+    _checks.shape("initial_state", initial_state, _checks.shape_of(decay), "like decay")
+  _axis_size(axis_name)
+  return ssmax_scan._pass_state(decay, last, axis_name, initial_state)
+
+
 def last_shard(x, axis_name: str):
   """The value ``x`` has on the last shard of ``axis_name``, on every shard (a pytree works).
 

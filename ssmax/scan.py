@@ -294,23 +294,10 @@ def _sequence_parallel_body(backend: str, x: ScanInputs, axis: str):
   y, h_local = _run(backend, x._replace(initial_state=None))
   y = y.astype(jnp.float32)
   h_local = h_local.astype(cdt)
-  # 2. Exclusive scan over shards of h_out = exp(A ΣΔ) h_in + h_local, h_in(0) = initial_state.
+  # 2. The state entering this shard, from every shard's total decay exp(A ΣΔ) and last state.
   dt_cum = jnp.cumsum(_delta(x), axis=1)  # (b, l, d)
   decay_total = jnp.exp(dt_cum[:, -1, :, None] * A)  # (b, d, n)
-  decays = lax.all_gather(decay_total, axis)  # (shards, b, d, n)
-  locals_ = lax.all_gather(h_local, axis)
-  h0 = (jnp.zeros_like(h_local) if x.initial_state is None
-        else x.initial_state.astype(cdt) + jnp.zeros_like(h_local))
-
-  def step(h_in, shard):
-    decay, h_shard = shard
-    return decay * h_in + h_shard, h_in
-
-  h_last, entering = lax.scan(step, h0, (decays, locals_))
-  h_in = entering[lax.axis_index(axis)]  # (b, d, n)
-  # Every shard computed the same h_last; selecting shard 0's through psum (adding exact zeros)
-  # makes it a value that is replicated along the axis as far as shard_map's checks can see.
-  h_last = lax.psum(jnp.where(lax.axis_index(axis) == 0, h_last, jnp.zeros_like(h_last)), axis)
+  h_in, h_last = _pass_state(decay_total, h_local, axis, x.initial_state)
   # 3. Correction y_t += Re(C_t · exp(A cumΔ_t) h_in), gated like y; C grouped over channels.
   g = x.C.shape[2]
   carried = (jnp.exp(dt_cum[..., None] * A) * h_in[:, None]).reshape(b, l, g, d // g, -1)
@@ -319,3 +306,27 @@ def _sequence_parallel_body(backend: str, x: ScanInputs, axis: str):
   if x.z is not None:
     corr = corr * jax.nn.silu(x.z.astype(jnp.float32))
   return y + corr, h_last
+
+
+def _pass_state(decay, last, axis, initial_state=None):
+  """Exclusive scan over the shards of ``axis`` of ``h_out = decay * h_in + last``.
+
+  ``decay`` and ``last`` (same shape) are this shard's total transition and its final state from
+  zero; returns the state entering this shard (``initial_state``, or zeros, on the first) and the
+  state after the last shard, the latter identical on every shard.
+  """
+  decays = lax.all_gather(decay, axis)  # (shards, ...)
+  lasts = lax.all_gather(last, axis)
+  zeros = jnp.zeros_like(last)  # typed as varying along the axis, like the scan's carry
+  h0 = zeros if initial_state is None else initial_state.astype(last.dtype) + zeros
+
+  def step(h_in, shard):
+    decay, h_shard = shard
+    return decay * h_in + h_shard, h_in
+
+  h_last, entering = lax.scan(step, h0, (decays, lasts))
+  index = lax.axis_index(axis)
+  # Every shard computed the same h_last; selecting shard 0's through psum (adding exact zeros)
+  # makes it a value that is replicated along the axis as far as shard_map's checks can see.
+  h_last = lax.psum(jnp.where(index == 0, h_last, jnp.zeros_like(h_last)), axis)
+  return entering[index], h_last
