@@ -58,10 +58,16 @@ class Config:
   """Tuning knobs; ``None`` picks a default from the shapes.
 
   Attributes:
-    block_channels: channels per program (a power of two).
-    chunk: time steps per chunk; the forward saves the state entering each chunk.
-    splits: number of programs along time (sequence parallelism).
-    num_warps: warps per program.
+    block_channels: channels per forward program (a power of two).
+    chunk: time steps per chunk, unrolled; the forward saves the state entering each chunk and the
+      backward keeps a chunk's recomputed states in registers.
+    splits: number of programs along time (sequence parallelism); default from
+      ``target_programs``.
+    num_warps: warps per forward program.
+    bwd_block_channels, bwd_num_warps: the same for the backward programs.
+    bwd_reload: reload a step's inputs in the backward's reverse walk instead of keeping them live
+      (fewer register spills; faster on an H100, see experiments/NOTES-scan.md).
+    target_programs: programs per launch that the default number of splits aims at.
   """
 
   block_channels: int | None = None
