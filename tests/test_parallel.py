@@ -21,11 +21,15 @@ import pytest
 DEVICES = 4
 SCAN_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
 BACKENDS = ["sequential", "associative"]
+# The training-step test's model; 4 x 18 tokens split (2 data) x (2 seq), 9 a shard >= d_conv - 1.
+MODEL = dict(d_model=6, n_layer=1, vocab_size=37, d_state=3, d_conv=3, expand=2,
+             scan_backend="sequential")
 # Scan cases: name -> (mesh (data, seq), random_inputs kwargs, backends, with gradients); the
-# length is split over "seq" except in "data4" (sequence_axis=None, batch split only).
+# length is split over "seq" except in "data4" (sequence_axis=None, batch split only). Few cases:
+# every one costs compilations, and the 4 devices share this machine's cores.
 SCAN_CASES = {
     "seq4": ((1, 4), dict(b=2, l=36, d=5, n=3, groups=5), BACKENDS, True),
-    "data2_seq2": ((2, 2), dict(b=2, l=38, d=5, n=3, groups=None), BACKENDS, True),
+    "data2_seq2": ((2, 2), dict(b=2, l=38, d=5, n=3, groups=None), ["sequential"], False),
     "data4": ((4, 1), dict(b=4, l=37, d=5, n=3, groups=None), ["associative"], True),
     "complex_seq4": ((1, 4), dict(b=1, l=36, d=5, n=3, complex_a=True), ["sequential"], False),
 }
@@ -110,9 +114,126 @@ def _worker(out_dir: str) -> None:
         lambda: parallel.shard_batch(mesh22, {"tokens": np.zeros((3, 8), np.int32)}))
   error("make_mesh_too_many", lambda: parallel.make_mesh(2, 4))
 
+  results.update(_model_step(out_dir))
+  results.update(_layers(out_dir))
+
+  # The benchmark end to end at tiny sizes (in this process: its compilations are the cost).
+  from absl import flags
+
+  from experiments import bench_parallel
+
+  # Without the length search (two more compilations); its logic is tested on its own below.
+  flags.FLAGS(["bench_parallel", "--tiny", "--repeats=1", "--nosearch",
+               f"--out={os.path.join(out_dir, 'bench.json')}"])
+  bench_parallel.main([])
+
+  search = {
+      "fits_below_5000": bench_parallel.longest_fit(lambda n: n <= 5000, 1024, 1 << 20, 256),
+      "always_fits": bench_parallel.longest_fit(lambda n: True, 1024, 5000, 256),
+      "never_fits": bench_parallel.longest_fit(lambda n: False, 1024, 1 << 20, 256),
+  }
+  with open(os.path.join(out_dir, "search.json"), "w") as f:
+    json.dump(search, f)
   np.savez(os.path.join(out_dir, "results.npz"), **{k: np.asarray(v) for k, v in results.items()})
   with open(os.path.join(out_dir, "errors.json"), "w") as f:
     json.dump(errors, f)
+
+
+def _model_step(out_dir: str) -> dict:
+  """One SGD step of a tiny MambaLM: on a (data=2, seq=2) mesh and on one device."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from ssmax import nn as snn
+  from ssmax import parallel
+
+  tokens = np.load(os.path.join(out_dir, "in_model.npz"))["tokens"]
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  optimizer = optax.sgd(0.5)
+  out = {}
+  for tag, mesh_shape, axis in (("multi", (2, 2), "seq"), ("single", None, None)):
+    config = snn.MambaConfig(**MODEL, sequence_axis=axis)
+    graphdef, params = nnx.split(snn.MambaLM(config, rngs=nnx.Rngs(0)))
+
+    n_tokens = targets.size  # global: local_loss sees one shard's piece
+
+    def local_loss(params, inputs, targets):
+      logits = nnx.merge(graphdef, params)(inputs).astype(jnp.float32)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum() / n_tokens
+
+    if mesh_shape is None:
+      value_and_grad = jax.value_and_grad(local_loss)
+    else:
+      mesh = parallel.make_mesh(*mesh_shape)
+      params = parallel.replicate(mesh, params)
+      inputs, targets = parallel.shard_batch(mesh, (inputs, targets))
+      value_and_grad = parallel.value_and_grad(local_loss, mesh)
+
+    @jax.jit
+    def step(params, inputs, targets):
+      loss, grads = value_and_grad(params, inputs, targets)
+      updates, _ = optimizer.update(grads, optimizer.init(params), params)
+      return loss, grads, optax.apply_updates(params, updates)
+
+    loss, grads, new_params = step(params, inputs, targets)
+    out[f"model/{tag}/loss"] = loss
+    for name, tree in (("grad", grads), ("param", new_params)):
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        out[f"model/{tag}/{name}{jax.tree_util.keystr(path)}"] = leaf
+  return out
+
+
+def _layers(out_dir: str) -> dict:
+  """Mixers and S4 layers with the length split 4 ways, and on one device (forward, state)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+
+  from ssmax import nn as snn
+  from ssmax import parallel
+  from ssmax.nn.s4 import S4DLayer, S4Layer
+
+  data = np.load(os.path.join(out_dir, "in_layers.npz"))
+  mesh = parallel.make_mesh(1, DEVICES)
+  seq = P(None, "seq")
+  out = {}
+  layers = {
+      "mixer": lambda axis: snn.MambaMixer(5, d_state=3, d_conv=4, expand=2, sequence_axis=axis,
+                                          scan_backend="sequential", rngs=nnx.Rngs(1)),
+      "s4d": lambda axis: S4DLayer(5, d_state=4, init="lin", sequence_axis=axis,
+                                   rngs=nnx.Rngs(1)),
+      "s4": lambda axis: S4Layer(5, d_state=4, sequence_axis=axis, rngs=nnx.Rngs(1)),
+  }
+  for name, build in layers.items():
+    x = jnp.asarray(data["x"])
+    if name.startswith("mixer"):
+      m = build(None)
+      state = snn.MixerState(jnp.asarray(data["conv"][:, :m.d_conv]).astype(m.dtype),
+                             jnp.asarray(data[f"ssm_{name}"]).astype(m.state_dtype))
+      args, specs = (x, state), (seq, P())
+      call = lambda m, x, state: m(x, state, return_state=True)
+      out_specs = (seq, P())
+    elif name == "s4d":
+      args, specs = (x, jnp.asarray(data["ssm_s4d"]).astype(jnp.complex64)), (seq, P())
+      call = lambda m, x, state: m(x, state, return_state=True)
+      out_specs = (seq, P())
+    else:
+      args, specs = (x,), (seq,)
+      call = lambda m, x: m(x)
+      out_specs = seq
+    graphdef, params = nnx.split(build(None))
+    single = jax.jit(lambda params, *a: call(nnx.merge(graphdef, params), *a))(params, *args)
+    graphdef, params = nnx.split(build("seq"))
+    multi = jax.jit(jax.shard_map(lambda params, *a: call(nnx.merge(graphdef, params), *a),
+                                  mesh=mesh, in_specs=(P(), *specs), out_specs=out_specs))(
+                                      params, *args)
+    for tag, result in (("single", single), ("multi", multi)):
+      for path, leaf in jax.tree_util.tree_leaves_with_path(result):
+        out[f"layer/{name}/{tag}{jax.tree_util.keystr(path)}"] = leaf
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,12 +255,20 @@ def worker(tmp_path_factory):
     data["wl"] = rng.normal(size=data["initial_state"].shape).astype(np.float32)
     np.savez(out / f"in_{case}.npz", **{k: v for k, v in data.items() if k != "delta_softplus"})
     inputs[case] = data
+  tokens = np.random.default_rng(seed).integers(0, MODEL["vocab_size"], (4, 19)).astype(np.int32)
+  np.savez(out / "in_model.npz", tokens=tokens)
+  rng = np.random.default_rng(seed + 200)
+  cplx = lambda shape: (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+  np.savez(out / "in_layers.npz", x=rng.normal(size=(2, 36, 5)).astype(np.float32),
+           conv=rng.normal(size=(2, 4, 10)).astype(np.float32),
+           ssm_mixer=rng.normal(size=(2, 10, 3)).astype(np.float32), ssm_s4d=cplx((2, 5, 2)))
   proc = subprocess.run([sys.executable, __file__, "--worker", str(out)], capture_output=True,
                         text=True, timeout=300, cwd=os.path.dirname(__file__))
   assert proc.returncode == 0, proc.stdout + proc.stderr
   results = dict(np.load(out / "results.npz"))
-  errors = json.loads((out / "errors.json").read_text())
-  return inputs, results, errors
+  info = {name: json.loads((out / f"{name}.json").read_text())
+          for name in ("errors", "search", "bench")}
+  return inputs, results, info
 
 
 def _rel(got, want) -> float:
@@ -217,6 +346,35 @@ def test_sequence_parallel_gradients_match_float64(worker, backend):
     assert _rel(results[f"seq4/{backend}/multi/grad_{name}"], g64) < 1e-3, name
 
 
+def test_data_and_sequence_parallel_training_step_matches_one_device(worker):
+  _, results, _ = worker
+  multi = {k[len("model/multi/"):]: v for k, v in results.items() if k.startswith("model/multi/")}
+  single = {k[len("model/single/"):]: v for k, v in results.items()
+            if k.startswith("model/single/")}
+  assert multi.keys() == single.keys() and len(multi) > 10
+  assert np.isfinite(single["loss"]) and single["loss"] > 1.0  # ~log(40) at init
+  for name in multi:
+    assert multi[name].shape == single[name].shape, name
+    assert _rel(multi[name], single[name]) < 1e-5, name
+  # Not trivially equal: the gradients are not all zero.
+  assert any(np.max(np.abs(v)) > 0 for k, v in single.items() if k.startswith("grad"))
+
+
+@pytest.mark.parametrize("layer", ["mixer", "s4d", "s4"])
+def test_sequence_parallel_layers_match_one_device(worker, layer):
+  # Output and (mixers, S4D) the state after the sequence, from a random state before it.
+  _, results, _ = worker
+  prefix = f"layer/{layer}/"
+  single = {k[len(prefix + "single"):]: v for k, v in results.items()
+            if k.startswith(prefix + "single")}
+  multi = {k[len(prefix + "multi"):]: v for k, v in results.items()
+           if k.startswith(prefix + "multi")}
+  assert single.keys() == multi.keys() and single
+  for name in single:
+    assert multi[name].shape == single[name].shape, name
+    assert _rel(multi[name], single[name]) < 1e-5, name
+
+
 def test_halo_passes_previous_shards_tail(worker):
   _, results, _ = worker
   x = (np.arange(2)[:, None, None] * 100 + np.arange(12)[None, :, None] * 10
@@ -246,9 +404,30 @@ def test_halo_passes_previous_shards_tail(worker):
 def test_multi_device_errors(worker, name, match):
   import re
 
-  _, _, errors = worker
+  errors = worker[2]["errors"]
   assert errors[name] is not None, f"{name} raised no ValueError"
   assert re.search(match, errors[name]), errors[name]
+
+
+def test_longest_fit_search_doubles_then_bisects(worker):
+  search = worker[2]["search"]
+  # Fits up to 5000: 1024, 2048, 4096 fit, 8192 fails; bisection in steps of 256 ends at 4864.
+  got = search["fits_below_5000"]
+  assert got["longest"] == 4864 and got["first_failure"] == 5120 and not got["capped"]
+  assert {int(k) for k in got["tried"]} == {1024, 2048, 4096, 8192, 6144, 5120, 4608, 4864}
+  assert search["always_fits"]["longest"] == 4096 and search["always_fits"]["capped"]
+  never = search["never_fits"]
+  assert never["longest"] is None and never["first_failure"] == 256
+
+
+def test_bench_parallel_runs_on_four_cpu_devices(worker):
+  result = worker[2]["bench"]
+  assert result["n"] == DEVICES and result["tiny"]
+  assert [r["devices"] for r in result["scan"]] == [1, DEVICES]
+  assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in result["scan"])
+  assert [r["mesh"] for r in result["train"]] == ["data=1", f"data={DEVICES}", f"seq={DEVICES}"]
+  assert all(r["step_ms"] > 0 for r in result["train"])
+  assert result["longest_fit"] == []  # --nosearch
 
 
 # Errors that need no second device: in this process.

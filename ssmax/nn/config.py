@@ -46,6 +46,8 @@ class MambaConfig:
     ssm: ``"selective"`` (Mamba's S6) or ``"s4d"`` (an LTI diagonal SSM, convolution mode).
     s4d_init: with ``ssm="s4d"``: ``"real"`` (S4D-Real), ``"lin"`` or ``"inv"`` (complex).
     scan_backend: backend handed to :func:`ssmax.selective_scan`.
+    sequence_axis: mesh axis the length is split over when the model runs inside
+      ``jax.shard_map`` (see :mod:`ssmax.parallel`); None when every device holds whole sequences.
     dtype: compute dtype of activations.
     param_dtype: dtype of the parameters.
   """
@@ -73,6 +75,7 @@ class MambaConfig:
   ssm: str = "selective"
   s4d_init: str = "real"
   scan_backend: str = "auto"
+  sequence_axis: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -87,6 +90,9 @@ class MambaConfig:
     _checks.one_of("ssm", self.ssm, SSM_KINDS)
     _checks.one_of("s4d_init", self.s4d_init, ("real", "lin", "inv"))
     _checks.one_of("scan_backend", self.scan_backend, BACKENDS)
+    if self.sequence_axis is not None and not isinstance(self.sequence_axis, str):
+      raise ValueError(f"sequence_axis must be a mesh axis name (str) or None; got "
+                       f"{self.sequence_axis!r}")
     if not self.norm_epsilon > 0:
       raise ValueError(f"norm_epsilon must be > 0; got {self.norm_epsilon!r}")
     if not self.dt_scale > 0:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssmax import _checks
+from ssmax import _checks, parallel
 from ssmax.nn import init as inits
 from ssmax.nn.config import DT_INITS, SSM_KINDS, MambaConfig, check_dt_range, resolve_dt_rank
 from ssmax.nn.s4 import S4D_INITS, S4DLayer
@@ -66,7 +66,7 @@ class MambaMixer(nnx.Module):
                dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
                conv_bias: bool = True, bias: bool = False, gated: bool = True,
                ssm: str = "selective", s4d_init: str = "real", n_layer: int = 1,
-               scan_backend: str = "auto",
+               scan_backend: str = "auto", sequence_axis: str | None = None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     """Builds the mixer with the official initialisation.
 
@@ -86,6 +86,9 @@ class MambaMixer(nnx.Module):
       n_layer: ``out_proj``'s init is divided by ``sqrt(n_layer)`` (the official LM's rescaling of
         residual branches; 1 leaves PyTorch's default).
       scan_backend: backend for :func:`ssmax.selective_scan`.
+      sequence_axis: mesh axis the length is split over, when called inside ``jax.shard_map``
+        (:mod:`ssmax.parallel`): the convolution takes its left context from the previous shard
+        and the SSM passes its state across shards. None: whole sequences.
       dtype: compute dtype; parameters are ``param_dtype``.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
@@ -105,6 +108,7 @@ class MambaMixer(nnx.Module):
     self.gated = gated
     self.ssm = ssm
     self.scan_backend = scan_backend
+    self.sequence_axis = sequence_axis
     self.dtype = dtype
     linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -133,7 +137,7 @@ class MambaMixer(nnx.Module):
     else:
       # Δ, A, B, C, D are the S4D layer's own, not functions of the input.
       self.s4d = S4DLayer(d_inner, d_state=d_state, init=s4d_init, dt_min=dt_min, dt_max=dt_max,
-                          param_dtype=param_dtype, rngs=rngs)
+                          sequence_axis=sequence_axis, param_dtype=param_dtype, rngs=rngs)
       self.state_shape = (d_inner, self.s4d.modes)
       self.state_dtype = self.s4d.init_state(1).dtype
     self.out_proj = nnx.Linear(d_inner, d_model, use_bias=bias,
@@ -148,7 +152,7 @@ class MambaMixer(nnx.Module):
                dt_min=c.dt_min, dt_max=c.dt_max, dt_init=c.dt_init, dt_scale=c.dt_scale,
                dt_init_floor=c.dt_init_floor, conv_bias=c.conv_bias, bias=c.bias, gated=c.gated,
                ssm=c.ssm, s4d_init=c.s4d_init, n_layer=c.n_layer, scan_backend=c.scan_backend,
-               dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+               sequence_axis=c.sequence_axis, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
 
   # --------------------------------------------------------------------------------------------
 
@@ -180,15 +184,18 @@ class MambaMixer(nnx.Module):
     state = self._check_state(state, b)
 
     xs, z = self._in_proj(x)
-    history = jnp.concatenate([state.conv.astype(xs.dtype), xs], axis=1)
-    u = jax.nn.silu(self.conv1d(history[:, 1:]))  # (b, l, d_inner)
+    left = state.conv[:, 1:].astype(xs.dtype)  # the d_conv - 1 inputs before this piece
+    if self.sequence_axis is not None and self.d_conv > 1:
+      left = parallel.sequence_halo(xs, self.d_conv - 1, self.sequence_axis, first=left)
+    history = jnp.concatenate([left, xs], axis=1)
+    u = jax.nn.silu(self.conv1d(history))  # (b, l, d_inner)
     h0 = None if fresh else state.ssm
     if self.ssm == "selective":
       dt, B, C = self._x_proj(u)
       y = selective_scan(u, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), B, C,
                          D=self.D[...], z=z, delta_bias=self.dt_proj.bias[...],
                          delta_softplus=True, initial_state=h0, return_last_state=return_state,
-                         backend=self.scan_backend)
+                         backend=self.scan_backend, sequence_axis=self.sequence_axis)
     else:
       y = self.s4d(u, h0, return_state=return_state)
     y, last = y if return_state else (y, None)
@@ -197,7 +204,10 @@ class MambaMixer(nnx.Module):
     out = self.out_proj(y.astype(self.dtype))
     if not return_state:
       return out
-    return out, MixerState(history[:, -self.d_conv:].astype(self.dtype), last)
+    conv = history[:, -self.d_conv:].astype(self.dtype)
+    if self.sequence_axis is not None:
+      conv = parallel.last_shard(conv, self.sequence_axis)
+    return out, MixerState(conv, last)
 
   def step(self, state: MixerState, x: jax.Array):
     """Recurrent mode: one token, O(1) in the sequence length.

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssmax import _checks, discretize, hippo, lti
+from ssmax import _checks, discretize, hippo, lti, parallel
 from ssmax.nn import init as inits
 from ssmax.nn.config import check_dt_range
 
@@ -66,8 +66,8 @@ class S4DLayer(nnx.Module):
   """
 
   def __init__(self, d_model: int, *, d_state: int = 64, init: str = "lin",
-               dt_min: float = 0.001, dt_max: float = 0.1, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               dt_min: float = 0.001, dt_max: float = 0.1, sequence_axis: str | None = None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     """Builds the layer.
 
     Args:
@@ -75,6 +75,9 @@ class S4DLayer(nnx.Module):
       d_state: state size ``N`` (even for complex inits).
       init: ``"lin"`` (S4D-Lin), ``"inv"`` (S4D-Inv) or ``"real"`` (S4D-Real).
       dt_min, dt_max: range of the log-uniform ``dt`` init.
+      sequence_axis: mesh axis the length is split over, when called inside ``jax.shard_map``:
+        each shard convolves its piece and the state entering it is passed from the shards
+        before (:func:`ssmax.parallel.pass_state`). None: whole sequences.
       param_dtype: dtype of the real parameters.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
@@ -83,6 +86,7 @@ class S4DLayer(nnx.Module):
     _checks.one_of("init", init, S4D_INITS)
     check_dt_range(dt_min, dt_max)
     self.complex = init != "real"
+    self.sequence_axis = sequence_axis
     if self.complex and d_state % 2:
       raise ValueError(f"d_state must be even for the complex init {init!r}; got {d_state}")
     self.d_model = d_model
@@ -150,16 +154,22 @@ class S4DLayer(nnx.Module):
     Ab, Bb, C = self.discrete()
     u32 = u.astype(jnp.float32)
     y = lti.causal_conv(u32, _kernels(Ab, Bb, C, length)) + u32 * self.D[...].astype(jnp.float32)
-    if state is None and not return_state:
+    if state is None and not return_state and self.sequence_axis is None:
       return y.astype(u.dtype)
     # Ab^k for k = 1 .. length, (length, H, M): the initial state's echo and the last state.
     powers = jnp.cumprod(jnp.broadcast_to(Ab, (length,) + Ab.shape), axis=0)
     h0 = self.init_state(b) if state is None else state.astype(self.init_state(1).dtype)
+    back = jnp.concatenate([jnp.ones_like(Ab)[None], powers[:-1]])[::-1]  # Ab^(length-1-j)
+    if self.sequence_axis is not None:
+      # This piece ran from zero; the state entering it comes from the pieces before.
+      local = Bb * jnp.einsum("lhm,blh->bhm", back, u32.astype(back.dtype))
+      h0, last = parallel.pass_state(jnp.broadcast_to(powers[-1], local.shape), local,
+                                     self.sequence_axis, h0)
     y = y + jnp.real(jnp.einsum("lhm,bhm->blh", C * powers, h0))
     if not return_state:
       return y.astype(u.dtype)
-    back = jnp.concatenate([jnp.ones_like(Ab)[None], powers[:-1]])[::-1]  # Ab^(length-1-j)
-    last = powers[-1] * h0 + Bb * jnp.einsum("lhm,blh->bhm", back, u32.astype(back.dtype))
+    if self.sequence_axis is None:
+      last = powers[-1] * h0 + Bb * jnp.einsum("lhm,blh->bhm", back, u32.astype(back.dtype))
     return y.astype(u.dtype), last.astype(h0.dtype)
 
   def step(self, state: jax.Array, u_t: jax.Array):
@@ -185,19 +195,24 @@ class S4Layer(nnx.Module):
   """
 
   def __init__(self, d_model: int, *, d_state: int = 64, dt_min: float = 0.001,
-               dt_max: float = 0.1, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dt_max: float = 0.1, sequence_axis: str | None = None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     """Builds the layer.
 
     Args:
       d_model: number of channels ``H``.
       d_state: state size ``N``.
       dt_min, dt_max: range of the log-uniform ``dt`` init.
+      sequence_axis: mesh axis the length is split over, when called inside ``jax.shard_map``:
+        the shards' pieces are gathered, convolved whole, and each keeps its own piece (with a
+        dense ``Ab``, passing the state costs more than the gather). None: whole sequences.
       param_dtype: dtype of the real parameters.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
     _checks.positive_int("d_model", d_model)
     _checks.positive_int("d_state", d_state)
     check_dt_range(dt_min, dt_max)
+    self.sequence_axis = sequence_axis
     self.d_model = d_model
     self.d_state = d_state
     Lam, P, B, _ = hippo.nplr("legs", d_state)
@@ -239,7 +254,13 @@ class S4Layer(nnx.Module):
     """Convolution mode: ``u (batch, length, H)`` -> ``y (batch, length, H)`` in ``u.dtype``."""
     _check_u(u, self.d_model)
     u32 = u.astype(jnp.float32)
-    y = lti.causal_conv(u32, self.kernel(u.shape[1])) + u32 * self.D[...].astype(jnp.float32)
+    if self.sequence_axis is None:
+      y = lti.causal_conv(u32, self.kernel(u.shape[1]))
+    else:
+      whole = parallel.gather_sequence(u32, self.sequence_axis)
+      y = parallel.local_piece(lti.causal_conv(whole, self.kernel(whole.shape[1])),
+                               self.sequence_axis)
+    y = y + u32 * self.D[...].astype(jnp.float32)
     return y.astype(u.dtype)
 
   def step(self, state: jax.Array, u_t: jax.Array):

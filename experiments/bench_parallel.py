@@ -1,0 +1,323 @@
+r"""Sequence- and data-parallel speed and reach: one device against N.
+
+    python -m experiments.bench_parallel                   # all visible GPUs, 130M model
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+      python -m experiments.bench_parallel --tiny          # CPU smoke run, seconds
+
+Three measurements, each on 1 device and on N (``--devices``, default all):
+
+1. The selective scan, forward and forward+backward, at one global shape ``(batch, length,
+   d_inner, d_state)``: on N devices through :func:`ssmax.parallel.selective_scan` with the length
+   split N ways (mesh ``data=1, seq=N``).
+2. A training step (AdamW) of a :class:`ssmax.nn.MambaLM` (130M: ``d_model=768, n_layer=24``) at
+   one global batch: on N devices both data-parallel (``data=N``) and sequence-parallel
+   (``seq=N``), gradients taken inside ``shard_map`` by :func:`ssmax.parallel.value_and_grad`.
+3. The longest sequence whose training step fits at batch 1: doubling from ``--search_start``
+   until the step runs out of memory (or reaches ``--search_max``), then bisecting down to
+   ``--search_granularity`` tokens; on one device and sequence-parallel on N.
+
+Times are medians of ``--repeats`` runs after a warm-up (compilation excluded). Prints Markdown
+tables and writes ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
+
+import ssmax
+from experiments import plotting
+from ssmax import nn as snn
+from ssmax import parallel
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("tiny", False, "Tiny shapes for a CPU smoke run (e.g. 4 fake devices).")
+flags.DEFINE_integer("devices", None, "N, the devices to compare with one; default all visible.")
+flags.DEFINE_string("backend", "auto",
+                    "Selective scan backend (auto, sequential, associative, pallas).")
+flags.DEFINE_list("scan_shape", None, "batch,length,d_inner,d_state of the scan; default "
+                  "1,32768,1536,16 (tiny: 2,64,8,4).")
+flags.DEFINE_integer("train_batch", None, "Global batch of the training step; default 8 (tiny: 4).")
+flags.DEFINE_integer("train_length", None,
+                     "Sequence length of the training step; default 2048 (tiny: 32).")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                  "Compute dtype (scan inputs, model).")
+flags.DEFINE_integer("repeats", 10, "Timed runs per measurement (median reported).")
+flags.DEFINE_bool("search", True,
+                  "Search the longest sequence that fits (slow: one compile per try).")
+flags.DEFINE_integer("search_start", None, "First length tried; default 8192 (tiny: 16).")
+flags.DEFINE_integer("search_max", None, "Longest length tried; default 1048576 (tiny: 32).")
+flags.DEFINE_integer("search_granularity", None, "Bisection stops at this many tokens; default "
+                     "4096 (tiny: 16). A multiple of N.")
+flags.DEFINE_string("out", "runs/bench_parallel.json", "JSON output path.")
+
+MODEL_130M = dict(d_model=768, n_layer=24, vocab_size=50277)
+MODEL_TINY = dict(d_model=16, n_layer=1, vocab_size=37, d_state=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  scan_shape: tuple[int, int, int, int]
+  train_batch: int
+  train_length: int
+  model: dict
+  search_start: int
+  search_max: int
+  search_granularity: int
+
+
+def settings() -> Settings:
+  tiny = FLAGS.tiny
+  pick = lambda value, big, small: value if value is not None else (small if tiny else big)
+  shape = FLAGS.scan_shape or (["2", "64", "8", "4"] if tiny else ["1", "32768", "1536", "16"])
+  if len(shape) != 4:
+    raise app.UsageError(f"--scan_shape needs batch,length,d_inner,d_state; got {shape}")
+  return Settings(tuple(int(s) for s in shape), pick(FLAGS.train_batch, 8, 4),
+                  pick(FLAGS.train_length, 2048, 32), MODEL_TINY if tiny else MODEL_130M,
+                  pick(FLAGS.search_start, 8192, 16), pick(FLAGS.search_max, 1 << 20, 32),
+                  pick(FLAGS.search_granularity, 4096, 16))
+
+
+def timed(fn, *args, repeats: int) -> float:
+  """Median wall time of ``fn(*args)`` in ms, after one warm-up call (which compiles)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(1e3 * (time.perf_counter() - t))
+  return statistics.median(times)
+
+
+def is_oom(err: Exception) -> bool:
+  text = str(err)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The selective scan.
+
+
+def scan_inputs(shape, dtype, seed=0):
+  b, l, d, n = shape
+  k = jax.random.split(jax.random.key(seed), 6)
+  return dict(
+      u=jax.random.normal(k[0], (b, l, d), dtype),
+      delta=(0.5 * jax.random.normal(k[1], (b, l, d))).astype(dtype),
+      A=-jnp.exp(0.5 * jax.random.normal(k[2], (d, n))),
+      B=jax.random.normal(k[3], (b, l, n), dtype),
+      C=jax.random.normal(k[4], (b, l, n), dtype),
+      D=jnp.ones((d,)),
+      z=jax.random.normal(k[5], (b, l, d), dtype),
+      delta_bias=jnp.full((d,), -1.0),
+      delta_softplus=True)
+
+
+def bench_scan(s: Settings, n: int, dtype) -> list[dict]:
+  kw = scan_inputs(s.scan_shape, dtype)
+  arrays = {k: v for k, v in kw.items() if k != "delta_softplus"}
+  rows = []
+  for devices in (1, n):
+    mesh = parallel.make_mesh(1, devices)
+    if devices == 1:
+      scan = lambda a: ssmax.selective_scan(**a, delta_softplus=True, backend=FLAGS.backend)
+    else:
+      scan = lambda a: parallel.selective_scan(mesh, **a, delta_softplus=True,
+                                               backend=FLAGS.backend)
+    fwd = jax.jit(scan)
+    fwd_bwd = jax.jit(jax.grad(lambda a: jnp.sum(scan(a).astype(jnp.float32))))
+    placed = arrays
+    if devices > 1:
+      along_length = {k: arrays[k] for k in ("u", "delta", "B", "C", "z")}
+      placed = dict(parallel.shard_batch(mesh, along_length, data_axis=None),
+                    **parallel.replicate(mesh, {k: arrays[k] for k in ("A", "D", "delta_bias")}))
+    rows.append(dict(devices=devices, mesh=f"seq={devices}",
+                     fwd_ms=timed(fwd, placed, repeats=FLAGS.repeats),
+                     fwd_bwd_ms=timed(fwd_bwd, placed, repeats=FLAGS.repeats)))
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The training step.
+
+
+def make_train_step(config: snn.MambaConfig, mesh, data_axis, sequence_axis, n_tokens: int):
+  """A jitted AdamW step of MambaLM on ``mesh`` and its initial (params, opt_state)."""
+  model = snn.MambaLM(config, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  optimizer = optax.adamw(3e-4)
+  params = parallel.replicate(mesh, params)
+  opt_state = parallel.replicate(mesh, optimizer.init(params))
+
+  def local_loss(params, tokens, targets):
+    logits = nnx.merge(graphdef, params)(tokens).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum() / n_tokens
+
+  value_and_grad = parallel.value_and_grad(local_loss, mesh, data_axis=data_axis,
+                                           sequence_axis=sequence_axis)
+
+  @jax.jit
+  def step(params, opt_state, tokens, targets):
+    loss, grads = value_and_grad(params, tokens, targets)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step, params, opt_state
+
+
+def model_config(s: Settings, dtype, sequence_axis):
+  return snn.MambaConfig(**s.model, scan_backend=FLAGS.backend, dtype=dtype,
+                         sequence_axis=sequence_axis)
+
+
+def train_batch(s: Settings, mesh, batch: int, length: int, data_axis, sequence_axis):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, s.model["vocab_size"], (batch, length + 1)).astype(np.int32)
+  return parallel.shard_batch(mesh, (tokens[:, :-1], tokens[:, 1:]), data_axis=data_axis,
+                              sequence_axis=sequence_axis)
+
+
+def run_train(s: Settings, devices: int, mode: str, batch: int, length: int, dtype,
+              repeats: int) -> float:
+  """Median ms of a training step; ``mode`` is ``"data"`` or ``"seq"`` (the split axis)."""
+  mesh = parallel.make_mesh(devices, 1) if mode == "data" else parallel.make_mesh(1, devices)
+  sequence_axis = "seq" if mode == "seq" else None
+  step, params, opt_state = make_train_step(model_config(s, dtype, sequence_axis), mesh, "data",
+                                            sequence_axis, batch * length)
+  tokens, targets = train_batch(s, mesh, batch, length, "data", sequence_axis)
+  state = [params, opt_state]
+
+  def run():
+    state[0], state[1], loss = step(state[0], state[1], tokens, targets)
+    return loss
+
+  return timed(run, repeats=repeats)
+
+
+def bench_train(s: Settings, n: int, dtype) -> list[dict]:
+  rows = []
+  for devices, mode in ((1, "data"), (n, "data"), (n, "seq")):
+    ms = run_train(s, devices, mode, s.train_batch, s.train_length, dtype, FLAGS.repeats)
+    tokens = s.train_batch * s.train_length
+    rows.append(dict(devices=devices, mesh=f"{mode}={devices}", step_ms=ms,
+                     tokens_per_s=tokens / (ms / 1e3)))
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The longest sequence that fits.
+
+
+def fits(s: Settings, devices: int, length: int, dtype) -> bool:
+  """Whether a batch-1 training step runs: plain on one device, sequence-parallel on several."""
+  try:
+    run_train(s, devices, "data" if devices == 1 else "seq", 1, length, dtype, repeats=1)
+    return True
+  except jax.errors.JaxRuntimeError as err:
+    if not is_oom(err):
+      raise
+    return False
+  finally:
+    jax.clear_caches()
+
+
+def longest_fit(fits: Callable[[int], bool], start: int, cap: int, granularity: int) -> dict:
+  """Longest length with ``fits(length)``: doubling from ``start`` while it fits (up to ``cap``),
+  then bisecting between the last fit and the first failure down to ``granularity`` tokens
+  (lengths stay multiples of it). Assumes that what fits at some length fits at every shorter one.
+
+  Returns:
+    ``{"longest": int or None, "first_failure": int or None, "capped": bool, "tried": {...}}``.
+  """
+  tried = {}
+  ok, bad = 0, None
+  length = start
+  while length <= cap:
+    tried[length] = fits(length)
+    if not tried[length]:
+      bad = length
+      break
+    ok, length = length, 2 * length
+  while bad is not None and bad - ok > granularity:
+    mid = (ok + bad) // 2 // granularity * granularity
+    if mid <= ok:
+      break
+    tried[mid] = fits(mid)
+    ok, bad = (mid, bad) if tried[mid] else (ok, mid)
+  return dict(longest=ok or None, first_failure=bad, capped=bad is None,
+              tried={str(k): v for k, v in sorted(tried.items())})
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv):
+  del argv
+  s = settings()
+  n = FLAGS.devices or jax.device_count()
+  if n < 2 or n > jax.device_count():
+    raise app.UsageError(f"--devices must be in [2, {jax.device_count()}]; got {n} (on CPU set "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+  if s.search_granularity % n or s.search_start % n or s.scan_shape[1] % n or s.train_length % n:
+    raise app.UsageError("lengths (scan, train, search start and granularity) must be multiples "
+                         f"of N={n}")
+  if s.train_batch % n:
+    raise app.UsageError(f"--train_batch must be a multiple of N={n}; got {s.train_batch}")
+  dtype = jnp.dtype(FLAGS.dtype)
+  device = f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform})"
+  b, l, d, st = s.scan_shape
+
+  scan_rows = bench_scan(s, n, dtype)
+  train_rows = bench_train(s, n, dtype)
+  fit_rows = []
+  if FLAGS.search:
+    for k in (1, n):
+      fit = longest_fit(lambda length, k=k: fits(s, k, length, dtype), s.search_start,
+                        s.search_max, s.search_granularity)
+      fit_rows.append(dict(devices=k, **fit))
+
+  base_scan, base_train = scan_rows[0], train_rows[0]
+  print(f"\nSelective scan, (batch, length, d_inner, d_state) = ({b}, {l}, {d}, {st}), "
+        f"{FLAGS.dtype}, backend {FLAGS.backend}; {device}\n")
+  print(plotting.markdown_table(
+      ["devices", "mesh", "fwd (ms)", "fwd+bwd (ms)", "speed-up fwd", "speed-up fwd+bwd"],
+      [[r["devices"], r["mesh"], f"{r['fwd_ms']:.3f}", f"{r['fwd_bwd_ms']:.3f}",
+        f"{base_scan['fwd_ms'] / r['fwd_ms']:.2f}x",
+        f"{base_scan['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x"]
+       for r in scan_rows]))
+  print(f"\nMambaLM training step (AdamW), {s.model}, global batch {s.train_batch} x "
+        f"{s.train_length} tokens, {FLAGS.dtype}\n")
+  print(plotting.markdown_table(
+      ["devices", "mesh", "step (ms)", "tokens/s", "speed-up"],
+      [[r["devices"], r["mesh"], f"{r['step_ms']:.2f}", f"{r['tokens_per_s']:,.0f}",
+        f"{base_train['step_ms'] / r['step_ms']:.2f}x"] for r in train_rows]))
+  if fit_rows:
+    print(f"\nLongest training sequence at batch 1 (sequence-parallel on N; doubling from "
+          f"{s.search_start}, bisecting to {s.search_granularity}, cap {s.search_max})\n")
+    print(plotting.markdown_table(
+        ["devices", "longest that fits", "first that failed"],
+        [[r["devices"], r["longest"], "none up to the cap" if r["capped"] else r["first_failure"]]
+         for r in fit_rows]))
+
+  out = Path(FLAGS.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(dict(
+      device=device, device_count=jax.device_count(), n=n, backend=FLAGS.backend,
+      dtype=FLAGS.dtype, tiny=FLAGS.tiny, repeats=FLAGS.repeats, settings=dataclasses.asdict(s),
+      scan=scan_rows, train=train_rows, longest_fit=fit_rows), indent=2))
+  print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
