@@ -139,11 +139,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   """
   _checks.one_of("backend", backend, BACKENDS)
   x = check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
-  backend = resolve_backend(backend, x)
   if sequence_axis is None:
-    y, last = _run(backend, x)
+    y, last = _run(resolve_backend(backend, x), x)
   else:
     _check_sequence_axis(sequence_axis)
+    # The Pallas kernel's outputs are not yet typed for shard_map's varying-axis checks.
+    if backend == "pallas":
+      raise ValueError('backend="pallas" does not support sequence_axis yet; use '
+                       'backend="associative" or "sequential" (or "auto", which picks one)')
+    if backend == "auto":
+      backend = "associative"
     y, last = _sequence_parallel(backend, x, sequence_axis)
   y = y.astype(x.u.dtype)
   return (y, last) if return_last_state else y

@@ -109,6 +109,7 @@ def _worker(out_dir: str) -> None:
   error("batch_not_divisible", lambda: parallel.selective_scan(mesh22, **odd_batch))
   error("axis_not_in_mesh", lambda: parallel.selective_scan(mesh, **kw, sequence_axis="time"))
   error("same_axis", lambda: parallel.selective_scan(mesh, **kw, data_axis="seq"))
+  error("pallas_sequence_axis", lambda: parallel.selective_scan(mesh, **kw, backend="pallas"))
   error("halo_too_wide", lambda: smap(lambda a: parallel.sequence_halo(a, 4, "seq"))(x))
   error("shard_batch_not_divisible",
         lambda: parallel.shard_batch(mesh22, {"tokens": np.zeros((3, 8), np.int32)}))
@@ -396,6 +397,7 @@ def test_halo_passes_previous_shards_tail(worker):
                             r"'data'; got shape \(1, 36, 5\)"),
     ("axis_not_in_mesh", r"sequence_axis='time' is not an axis of the mesh"),
     ("same_axis", r"data_axis and sequence_axis must be different mesh axes"),
+    ("pallas_sequence_axis", r'backend="pallas" does not support sequence_axis yet'),
     ("halo_too_wide", r"x must hold at least width=4 steps per shard"),
     ("shard_batch_not_divisible", r"batch\['tokens'\]'s batch \(axis 0\) must be divisible by "
                                   r"the size 2"),
