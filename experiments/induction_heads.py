@@ -156,6 +156,8 @@ flags.DEFINE_string("out_dir", None, "Output directory; default runs/induction_h
 flags.DEFINE_bool("resume", False, "Continue each model from its latest checkpoint in --out_dir.")
 flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints (0: none); default: the preset's.")
 flags.DEFINE_integer("eval_every", None, "Steps between validation evaluations; default: the preset's.")
+flags.DEFINE_integer("eval_examples", None, "Size of the validation set at the training length; default: "
+                     "the preset's.")
 flags.DEFINE_integer("max_test_log2", None, "Test up to length 2^this; default: the preset's.")
 flags.DEFINE_integer("eval_chunk", None, "Tokens read per chunk at long test lengths; default: the preset's.")
 flags.DEFINE_integer("transformer_max_test_length", None, "Longest length the Transformers are tested "
@@ -167,8 +169,8 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def preset_from_flags() -> Preset:
   preset = PRESETS[FLAGS.preset]
-  names = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every", "max_test_log2",
-           "eval_chunk", "transformer_max_test_length")
+  names = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every", "eval_examples",
+           "max_test_log2", "eval_chunk", "transformer_max_test_length")
   changes = {k: getattr(FLAGS, k) for k in names if getattr(FLAGS, k) is not None}
   if FLAGS.models:
     for name in FLAGS.models:

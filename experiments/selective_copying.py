@@ -110,6 +110,8 @@ flags.DEFINE_string("out_dir", None, "Output directory; default runs/selective_c
 flags.DEFINE_bool("resume", False, "Continue each model from its latest checkpoint in --out_dir.")
 flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints (0: none); default: the preset's.")
 flags.DEFINE_integer("eval_every", None, "Steps between validation evaluations; default: the preset's.")
+flags.DEFINE_integer("eval_examples", None, "Size of the validation set at the training length; default: "
+                     "the preset's.")
 flags.DEFINE_string("scan_backend", None, "Selective scan backend (auto, sequential, associative, "
                     "pallas); default: the preset's.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
@@ -117,8 +119,8 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def preset_from_flags() -> Preset:
   preset = PRESETS[FLAGS.preset]
-  changes = {k: getattr(FLAGS, k) for k in ("steps", "batch_size", "learning_rate", "checkpoint_every",
-                                            "eval_every") if getattr(FLAGS, k) is not None}
+  names = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every", "eval_examples")
+  changes = {k: getattr(FLAGS, k) for k in names if getattr(FLAGS, k) is not None}
   if FLAGS.models:
     for name in FLAGS.models:
       if name not in models.SSM_MODELS:
