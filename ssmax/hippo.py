@@ -270,13 +270,8 @@ def _nplr(measure, N):
   return Lam, P, Vh @ B, V
 
 
-def dplr_matrix(Lam: jax.Array, P: jax.Array) -> jax.Array:
-  """The dense ``diag(Lam) - P P^*`` of a DPLR state matrix (in the eigenbasis), ``(N, N)``.
-
-  Args:
-    Lam: ``(N,)`` diagonal, real or complex.
-    P: ``(N,)`` or ``(rank, N)`` low-rank factor.
-  """
+def check_dplr(Lam, P) -> int:
+  """Checks a DPLR pair ``Lam (N,)``, ``P (N,) or (rank, N)`` at trace time; returns ``N``."""
   _checks.rank("Lam", Lam, 1, "(N,)")
   _checks.floating("Lam", Lam, allow_complex=True)
   (n,) = _checks.shape_of(Lam)
@@ -285,6 +280,17 @@ def dplr_matrix(Lam: jax.Array, P: jax.Array) -> jax.Array:
   if _checks.shape_of(P)[-1] != n:
     raise ValueError(f"P must have last dimension {n} to match Lam; "
                      f"got shape {_checks.shape_of(P)}")
+  return n
+
+
+def dplr_matrix(Lam: jax.Array, P: jax.Array) -> jax.Array:
+  """The dense ``diag(Lam) - P P^*`` of a DPLR state matrix (in the eigenbasis), ``(N, N)``.
+
+  Args:
+    Lam: ``(N,)`` diagonal, real or complex.
+    P: ``(N,)`` or ``(rank, N)`` low-rank factor.
+  """
+  check_dplr(Lam, P)
   return jnp.diag(Lam) - _outer_sum(P)
 
 

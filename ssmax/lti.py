@@ -142,14 +142,7 @@ def kernel_dplr(Lam, P, B, C, dt, L: int) -> jax.Array:
   Returns:
     ``K (L,)``, real, float32 (float64 for complex128 inputs).
   """
-  _checks.rank("Lam", Lam, 1, "(N,)")
-  _checks.floating("Lam", Lam, allow_complex=True)
-  (n,) = _checks.shape_of(Lam)
-  _checks.rank("P", P, (1, 2), "(N,) or (rank, N)")
-  _checks.floating("P", P, allow_complex=True)
-  if _checks.shape_of(P)[-1] != n:
-    raise ValueError(f"P must have last dimension {n} to match Lam; "
-                     f"got shape {_checks.shape_of(P)}")
+  n = hippo.check_dplr(Lam, P)
   _checks.shape("B", B, (n,), f"(N,) with N = {n} from Lam")
   _checks.floating("B", B, allow_complex=True)
   _checks.shape("C", C, (n,), f"(N,) with N = {n} from Lam")
