@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from experiments import models, plotting, tasks, train
+from experiments import cli, models, plotting, tasks, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,41 +146,17 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "quick", list(PRESETS), "quick: CPU minutes; paper: appendix E.1 sizes.")
-flags.DEFINE_list("models", None, f"Models to train, from {list(models.MODEL_NAMES)}; default: the preset's.")
-flags.DEFINE_integer("steps", None, "Training steps per model; default: the preset's.")
-flags.DEFINE_integer("batch_size", None, "Global batch size; default: the preset's.")
-flags.DEFINE_float("learning_rate", None, "Constant Adam learning rate; default: the preset's.")
-flags.DEFINE_integer("seed", 0, "Seed of the parameters, the data stream and the test sets.")
-flags.DEFINE_string("out_dir", None, "Output directory; default runs/induction_heads_<preset>.")
-flags.DEFINE_bool("resume", False, "Continue each model from its latest checkpoint in --out_dir.")
-flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints (0: none); default: the preset's.")
-flags.DEFINE_integer("eval_every", None, "Steps between validation evaluations; default: the preset's.")
-flags.DEFINE_integer("eval_examples", None, "Size of the validation set at the training length; default: "
-                     "the preset's.")
+cli.define_flags("induction_heads", PRESETS, models.MODEL_NAMES)
 flags.DEFINE_integer("max_test_log2", None, "Test up to length 2^this; default: the preset's.")
 flags.DEFINE_integer("eval_chunk", None, "Tokens read per chunk at long test lengths; default: the preset's.")
 flags.DEFINE_integer("transformer_max_test_length", None, "Longest length the Transformers are tested "
                      "at; default: the preset's.")
-flags.DEFINE_string("scan_backend", None, "Selective scan backend (auto, sequential, associative, "
-                    "pallas); default: the preset's.")
-flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
 def preset_from_flags() -> Preset:
   preset = PRESETS[FLAGS.preset]
-  names = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every", "eval_examples",
-           "max_test_log2", "eval_chunk", "transformer_max_test_length")
-  changes = {k: getattr(FLAGS, k) for k in names if getattr(FLAGS, k) is not None}
-  if FLAGS.models:
-    for name in FLAGS.models:
-      if name not in models.MODEL_NAMES:
-        raise app.UsageError(f"--models must be among {list(models.MODEL_NAMES)}; got {name!r}")
-    changes["models"] = tuple(FLAGS.models)
-  if FLAGS.scan_backend:
-    changes["shape"] = dataclasses.replace(preset.shape, scan_backend=FLAGS.scan_backend)
-  if changes.get("checkpoint_every", 0) % preset.log_every:
-    raise app.UsageError(f"--checkpoint_every must be a multiple of {preset.log_every}")
+  changes = cli.preset_changes(preset, models.MODEL_NAMES,
+                               ("max_test_log2", "eval_chunk", "transformer_max_test_length"))
   if "transformer_max_test_length" in changes:
     changes["shape"] = dataclasses.replace(changes.get("shape", preset.shape),
                                            max_len=max(changes["transformer_max_test_length"],

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from experiments import models, plotting, tasks, train
+from experiments import cli, models, plotting, tasks, train
 
 # Mamba paper, Table 1 (accuracy %, length 4096, 16 data tokens).
 PAPER_ACCURACY = {"s4": 18.3, "s6": 97.0, "mamba_s4": 56.4, "mamba_s6": 99.8}
@@ -100,36 +100,12 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "quick", list(PRESETS), "quick: CPU minutes; paper: appendix E.1 sizes.")
-flags.DEFINE_list("models", None, f"Models to train, from {list(models.SSM_MODELS)}; default: the preset's.")
-flags.DEFINE_integer("steps", None, "Training steps per model; default: the preset's.")
-flags.DEFINE_integer("batch_size", None, "Global batch size; default: the preset's.")
-flags.DEFINE_float("learning_rate", None, "Constant Adam learning rate; default: the preset's.")
-flags.DEFINE_integer("seed", 0, "Seed of the parameters and the data stream.")
-flags.DEFINE_string("out_dir", None, "Output directory; default runs/selective_copying_<preset>.")
-flags.DEFINE_bool("resume", False, "Continue each model from its latest checkpoint in --out_dir.")
-flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints (0: none); default: the preset's.")
-flags.DEFINE_integer("eval_every", None, "Steps between validation evaluations; default: the preset's.")
-flags.DEFINE_integer("eval_examples", None, "Size of the validation set at the training length; default: "
-                     "the preset's.")
-flags.DEFINE_string("scan_backend", None, "Selective scan backend (auto, sequential, associative, "
-                    "pallas); default: the preset's.")
-flags.DEFINE_bool("progress", True, "Show progress bars.")
+cli.define_flags("selective_copying", PRESETS, models.SSM_MODELS)
 
 
 def preset_from_flags() -> Preset:
   preset = PRESETS[FLAGS.preset]
-  names = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every", "eval_examples")
-  changes = {k: getattr(FLAGS, k) for k in names if getattr(FLAGS, k) is not None}
-  if FLAGS.models:
-    for name in FLAGS.models:
-      if name not in models.SSM_MODELS:
-        raise app.UsageError(f"--models must be among {list(models.SSM_MODELS)}; got {name!r}")
-    changes["models"] = tuple(FLAGS.models)
-  if FLAGS.scan_backend:
-    changes["shape"] = dataclasses.replace(preset.shape, scan_backend=FLAGS.scan_backend)
-  if changes.get("checkpoint_every", 0) % preset.log_every:
-    raise app.UsageError(f"--checkpoint_every must be a multiple of {preset.log_every}")
+  changes = cli.preset_changes(preset, models.SSM_MODELS)
   return dataclasses.replace(preset, **changes)
 
 
