@@ -13,14 +13,6 @@ zoh = jax.jit(discretize.zoh)
 bilinear = jax.jit(discretize.bilinear)
 
 
-@pytest.fixture
-def rng(request):
-  # Fresh inputs on every run, reproducible from the printed seed when a test fails.
-  seed = np.random.SeedSequence().entropy % (2**31)
-  print(f"seed={seed}")
-  return np.random.default_rng(seed)
-
-
 def _scipy(A, B, dt, method):
   n = A.shape[0]
   Ad, Bd, *_ = scipy.signal.cont2discrete((A, B[:, None], np.eye(n), np.zeros((n, 1))), dt,

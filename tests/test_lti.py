@@ -15,14 +15,6 @@ recurrence = jax.jit(lti.recurrence)
 bilinear = jax.jit(discretize.bilinear)
 
 
-@pytest.fixture
-def rng(request):
-  # Fresh inputs on every run, reproducible from the printed seed when a test fails.
-  seed = np.random.SeedSequence().entropy % (2**31)
-  print(f"seed={seed}")
-  return np.random.default_rng(seed)
-
-
 def kernel_ref(Ab, Bb, C, L):
   """K[k] = Re(C Ab^k Bb) by a float64 power loop."""
   Ab = np.diag(Ab) if Ab.ndim == 1 else Ab

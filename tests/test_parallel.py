@@ -243,11 +243,11 @@ def _layers(out_dir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
+  from conftest import fresh_seed
   from scan_oracle import random_inputs
 
   out = tmp_path_factory.mktemp("parallel")
-  seed = int(np.random.SeedSequence().entropy % (2**31))
-  print(f"seed={seed}")
+  seed = fresh_seed()
   inputs = {}
   for i, (case, (_, kw, _, _)) in enumerate(SCAN_CASES.items()):
     data = random_inputs(seed + i, **kw)

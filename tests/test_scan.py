@@ -12,19 +12,6 @@ from scan_oracle import jax64_scan, numpy_scan, random_inputs, rel_err
 BACKENDS = ["sequential", "associative"]
 
 
-def _seed(request):
-  # Fresh inputs on every run, reproducible from the printed seed when a test fails.
-  seed = np.random.SeedSequence().entropy % (2**31)
-  request.node.user_properties.append(("seed", seed))
-  print(f"seed={seed}")
-  return seed
-
-
-@pytest.fixture
-def seed(request):
-  return _seed(request)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("groups", [None, 1, 5])
 def test_matches_float64_loop(backend, groups, seed):
