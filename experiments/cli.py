@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 from absl import app, flags
 
+from experiments import models
+
 FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """What a task entry point trains: the task, the model shape and names, and the schedule."""
+
+  task: Any
+  shape: models.ModelShape
+  models: tuple[str, ...]
+  steps: int
+  batch_size: int
+  learning_rate: float
+  log_every: int
+  eval_every: int
+  eval_examples: int
+  checkpoint_every: int
 
 # Flags whose value, when given, replaces the preset's field of the same name.
 PRESET_FIELDS = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every",

@@ -26,17 +26,9 @@ from experiments import cli, models, plotting, tasks, train
 
 
 @dataclasses.dataclass(frozen=True)
-class Preset:
-  task: tasks.InductionHeads
-  shape: models.ModelShape
-  models: tuple[str, ...]
-  steps: int
-  batch_size: int
-  learning_rate: float
-  log_every: int
-  eval_every: int
-  eval_examples: int
-  checkpoint_every: int
+class Preset(cli.Preset):
+  """The common preset, plus how the trained models are tested at longer lengths."""
+
   min_test_log2: int
   max_test_log2: int
   test_examples: int  # per length, at most

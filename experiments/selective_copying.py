@@ -25,23 +25,12 @@ from experiments import cli, models, plotting, tasks, train
 PAPER_ACCURACY = {"s4": 18.3, "s6": 97.0, "mamba_s4": 56.4, "mamba_s6": 99.8}
 
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-  task: tasks.SelectiveCopying
-  shape: models.ModelShape
-  models: tuple[str, ...]
-  steps: int
-  batch_size: int
-  learning_rate: float
-  log_every: int
-  eval_every: int
-  eval_examples: int
-  checkpoint_every: int
+Preset = cli.Preset
 
 
 PRESETS = {
     # Short sequences and a small model so that two models train in a few CPU minutes; the
-    # selective model already solves it while the LTI one stays near chance.
+    # selective model nearly solves it (97% at seed 0) while the LTI one stops near 60%.
     "quick": Preset(task=tasks.SelectiveCopying(length=64, num_tokens=4, vocab_size=16),
                     shape=models.ModelShape(vocab_size=16, d_model=32, n_layer=2, d_state=16,
                                             scan_backend="sequential"),
