@@ -74,6 +74,9 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and c
 flags.DEFINE_string("scan_backend", "auto", "Mamba's selective scan backend (prefill).")
 flags.DEFINE_string("out_dir", "runs/bench_generate", "Output directory.")
 flags.DEFINE_float("max_minutes", None, "Start no new configuration after this many minutes.")
+flags.DEFINE_bool("split_prefill", False,
+                  "Also time a call that generates one token (the prefill), and report the "
+                  "decode cost per token as (whole - prefill) / (new_tokens - 1).")
 
 
 def build(model: str, size: str, dtype, scan_backend: str = "auto", seed: int = 0):
@@ -152,7 +155,7 @@ def is_oom(error: Exception) -> bool:
 
 
 def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_backend,
-        out_dir, warmup=2, max_minutes=None, log=print) -> dict:
+        out_dir, warmup=2, max_minutes=None, split_prefill=False, log=print) -> dict:
   """Times every (size, model, batch) and returns the JSON dict.
 
   The Markdown table, JSON and PNG in ``out_dir`` are rewritten after every configuration, so a
@@ -192,6 +195,10 @@ def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_
           try:
             seconds = time_call(lambda: generate(prompt, new_tokens), repeats, warmup)
             row.update(status="ok", ms=1e3 * seconds, tokens_per_s=batch * new_tokens / seconds)
+            if split_prefill and new_tokens > 1:
+              prefill = time_call(lambda: generate(prompt, 1), repeats, warmup)
+              row.update(prefill_ms=1e3 * prefill,
+                         decode_ms_per_token=1e3 * (seconds - prefill) / (new_tokens - 1))
           except Exception as e:  # keep the rest of the sweep; larger batches would fail too
             status = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
             if status != "OOM":
@@ -255,6 +262,12 @@ def tables(result) -> str:
       line.append(fmt(ratio.get((size, batch)), ".2f"))
       body.append(line)
     parts.append(f"\n{size}\n\n" + markdown_table(head, body))
+  split = [r for r in rows if r.get("prefill_ms") is not None]
+  if split:
+    parts.append("\nWhere the time goes (prefill = a call that generates one token):\n\n" +
+                 markdown_table(["size", "model", "batch", "prefill ms", "decode ms/token"],
+                                [[r["size"], r["model"], r["batch"], f"{r['prefill_ms']:.1f}",
+                                  f"{r['decode_ms_per_token']:.3f}"] for r in split]))
   anchor_rows = [[name, b, f"{ms:.1f}", f"{b * 128 / ms * 1e3:.0f}"]
                  for name, by_batch in ANCHORS.items() for b, ms in by_batch.items()]
   parts.append("\nOfficial stack, same setting (prompt 2048 + 128, H100):\n\n" +
@@ -308,13 +321,15 @@ def plot(result, path) -> None:
 def main(argv):
   del argv
   if FLAGS.tiny:
-    kw = dict(sizes=["tiny"], batches=[1, 3], prompt_len=9, new_tokens=5, repeats=1)
+    kw = dict(sizes=["tiny"], batches=[1, 3], prompt_len=9, new_tokens=5, repeats=1,
+              split_prefill=True)
   else:
     for s in FLAGS.sizes:
       if s not in SIZES:
         raise app.UsageError(f"--sizes must be from {sorted(SIZES)}; got {s!r}")
     kw = dict(sizes=FLAGS.sizes, batches=[int(b) for b in FLAGS.batches],
-              prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats)
+              prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
+              split_prefill=FLAGS.split_prefill)
   for m in FLAGS.models:
     if m not in ("mamba", "transformer"):
       raise app.UsageError(f"--models must be from ['mamba', 'transformer']; got {m!r}")
