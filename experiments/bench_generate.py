@@ -8,7 +8,8 @@ after warm-up calls that compile it; throughput is ``batch * new_tokens / second
 * Mamba: :meth:`ssmax.nn.MambaLM.generate` (parallel-scan prefill, then a jit-compiled loop of O(1)
   recurrent steps).
 * Transformer: :class:`experiments.transformer.TransformerLM` (rotary, GELU MLP, tied head), whose
-  KV cache is allocated for prompt + new tokens; prefill writes it, then a jit-compiled loop of
+  KV cache is allocated for prompt + new tokens; prefill writes it (attending over the prompt with
+  cuDNN's fused flash attention on a GPU, ``--attention``), then a jit-compiled loop of
   one-token steps attends to it. Shapes follow GPT-3/Pythia: 12 layers of width 768 (~124M) and
   24 layers of width 2048 (~1.3B).
 
@@ -74,12 +75,23 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and c
 flags.DEFINE_string("scan_backend", "auto", "Mamba's selective scan backend (prefill).")
 flags.DEFINE_string("out_dir", "runs/bench_generate", "Output directory.")
 flags.DEFINE_float("max_minutes", None, "Start no new configuration after this many minutes.")
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"],
+                  "The Transformer's prefill attention; auto: cudnn (flash) on a GPU in bf16/fp16, "
+                  "else xla.")
 flags.DEFINE_bool("split_prefill", False,
                   "Also time a call that generates one token (the prefill), and report the "
                   "decode cost per token as (whole - prefill) / (new_tokens - 1).")
 
 
-def build(model: str, size: str, dtype, scan_backend: str = "auto", seed: int = 0):
+def attention_impl(choice: str, dtype) -> str:
+  if choice != "auto":
+    return choice
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+
+
+def build(model: str, size: str, dtype, scan_backend: str = "auto", seed: int = 0,
+          attention: str = "xla"):
   """A randomly initialised model of ``size``; returns ``(module, parameter count)``."""
   rngs = nnx.Rngs(seed)
   shape = SIZES[size][model]
@@ -90,6 +102,7 @@ def build(model: str, size: str, dtype, scan_backend: str = "auto", seed: int = 
   elif model == "transformer":
     vocab = MambaConfig(vocab_size=vocab).padded_vocab_size  # same embedding as Mamba's
     module = TransformerLM(TransformerConfig(vocab_size=vocab, dtype=dtype, param_dtype=dtype,
+                                             attention=attention,
                                              **shape), rngs=rngs)
   else:
     raise ValueError(f"model must be 'mamba' or 'transformer'; got {model!r}")
@@ -114,7 +127,7 @@ def _transformer_generate(graphdef, state, prompt, *, max_new_tokens):
   model = nnx.merge(graphdef, state)
   batch, length = prompt.shape
   cache = model.init_cache(batch, length + max_new_tokens)
-  logits, cache = model(prompt, cache)
+  logits, cache = model(prompt, cache, fresh=True)
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
   def body(carry, _):
@@ -155,7 +168,8 @@ def is_oom(error: Exception) -> bool:
 
 
 def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_backend,
-        out_dir, warmup=2, max_minutes=None, split_prefill=False, log=print) -> dict:
+        out_dir, warmup=2, max_minutes=None, split_prefill=False, attention="auto",
+        log=print) -> dict:
   """Times every (size, model, batch) and returns the JSON dict.
 
   The Markdown table, JSON and PNG in ``out_dir`` are rewritten after every configuration, so a
@@ -169,6 +183,7 @@ def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_
   rows = []
   result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                 jax=jax.__version__, dtype=jnp.dtype(dtype).name, scan_backend=scan_backend,
+                attention=attention_impl(attention, dtype),
                 prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
                 rows=rows,
                 ratios=[], anchors_ms={k: {str(b): ms for b, ms in v.items()}
@@ -184,7 +199,8 @@ def run(*, sizes, models, batches, prompt_len, new_tokens, repeats, dtype, scan_
           rows.append(row)
           continue
         if module is None:  # built only when a configuration runs
-          module, params = build(model, size, dtype, scan_backend)
+          module, params = build(model, size, dtype, scan_backend,
+                                 attention=result["attention"])
           generate = generate_fn(model, module)
           row["params"] = params
         if failed:
@@ -241,6 +257,7 @@ def tables(result) -> str:
   fmt = lambda v, spec: None if v is None else format(v, spec)
   parts = [f"Generation, prompt {result['prompt_len']} + {result['new_tokens']} greedy tokens, "
            f"{result['dtype']}, whole call timed (median of {result['repeats']}), "
+           f"Transformer prefill attention: {result.get('attention', 'xla')}, "
            f"{result['device']}."]
   for size in dict.fromkeys(r["size"] for r in rows):
     cell = {(r["model"], r["batch"]): r for r in rows if r["size"] == size}
@@ -334,7 +351,8 @@ def main(argv):
     if m not in ("mamba", "transformer"):
       raise app.UsageError(f"--models must be from ['mamba', 'transformer']; got {m!r}")
   run(models=FLAGS.models, dtype=jnp.dtype(FLAGS.dtype), scan_backend=FLAGS.scan_backend,
-      out_dir=FLAGS.out_dir, warmup=FLAGS.warmup, max_minutes=FLAGS.max_minutes, **kw)
+      out_dir=FLAGS.out_dir, warmup=FLAGS.warmup, max_minutes=FLAGS.max_minutes,
+      attention=FLAGS.attention, **kw)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ class TransformerConfig:
     rope_base: RoPE frequency base.
     norm_epsilon: RMSNorm epsilon.
     tie_embeddings: the head is the transposed token embedding.
+    attention: implementation of the causal attention over a sequence's own keys (training, and a
+      prefill into an empty cache), passed to ``jax.nn.dot_product_attention``: ``"xla"`` (runs
+      everywhere; materialises the scores) or ``"cudnn"`` (fused flash attention; GPU, bfloat16 or
+      float16 only). Decode steps attend to the cache with ``"xla"``.
     dtype: compute dtype of activations (attention softmax runs in float32).
     param_dtype: dtype of the parameters.
   """
@@ -55,6 +59,7 @@ class TransformerConfig:
   rope_base: float = 10000.0
   norm_epsilon: float = 1e-5
   tie_embeddings: bool = True
+  attention: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -66,6 +71,7 @@ class TransformerConfig:
     if self.d_ff is not None:
       _checks.positive_int("d_ff", self.d_ff)
     _checks.one_of("positions", self.positions, POSITIONS)
+    _checks.one_of("attention", self.attention, ("xla", "cudnn"))
     if self.d_model % self.n_head:
       raise ValueError(f"d_model must be a multiple of n_head={self.n_head}; got {self.d_model}")
     if self.n_head % self.kv_heads:
@@ -132,9 +138,10 @@ class Attention(nnx.Module):
     self.o_proj = _dense(cfg, cfg.n_head * hd, d, out_std, rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None,
-               start: jax.Array | None = None):
+               start: jax.Array | None = None, fresh: bool = False):
     """``x`` ``(batch, length, d_model)`` at ``positions`` ``(length,)``; with a cache, writes this
-    chunk's keys and values at ``start`` and attends to every cached position up to its own."""
+    chunk's keys and values at ``start`` and attends to every cached position up to its own.
+    ``fresh``: the cache is empty and ``start`` is 0, so the chunk attends only to itself."""
     cfg = self.cfg
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, cfg.n_head, cfg.head_dim)
@@ -142,14 +149,15 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_dim)
     if cfg.positions == "rotary":
       q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
-    if cache is None:
-      y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    else:
+    if cache is None or fresh:
+      y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
+    if cache is not None:
       k_all = lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, start, 0, 0))
       v_all = lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, start, 0, 0))
-      visible = positions[:, None] >= jnp.arange(k_all.shape[1])[None, :]  # (t, max_len)
-      y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
-                                       mask=visible[None, None])
+      if not fresh:
+        visible = positions[:, None] >= jnp.arange(k_all.shape[1])[None, :]  # (t, max_len)
+        y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                         mask=visible[None, None])
       cache = LayerCache(k_all, v_all)
     return self.o_proj(y.reshape(b, t, cfg.n_head * cfg.head_dim)), cache
 
@@ -175,8 +183,8 @@ class TransformerBlock(nnx.Module):
     self.mlp_norm = nnx.RMSNorm(cfg.d_model, **kw)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, cache=None, start=None):
-    h, cache = self.attn(self.attn_norm(x), positions, cache, start)
+  def __call__(self, x, positions, cache=None, start=None, fresh=False):
+    h, cache = self.attn(self.attn_norm(x), positions, cache, start, fresh)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -216,7 +224,12 @@ class TransformerLM(nnx.Module):
     layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer))
     return Cache(layers, jnp.zeros((), jnp.int32))
 
-  def __call__(self, tokens: jax.Array, cache: Cache | None = None):
+  def __call__(self, tokens: jax.Array, cache: Cache | None = None, *, fresh: bool = False):
+    """Logits ``(batch, length, vocab_size)``, and the updated cache when one is given.
+
+    ``fresh=True`` promises that ``cache`` is empty (a prefill): attention then runs over the
+    prompt's own keys, causally, with ``cfg.attention``, instead of over the whole masked cache.
+    """
     cfg = self.cfg
     _checks.rank("tokens", tokens, 2, "(batch, length)")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -237,7 +250,8 @@ class TransformerLM(nnx.Module):
       x = x + self.pos_embed(positions)[None]
     new_layers = []
     for i, block in enumerate(self.blocks):
-      x, layer_cache = block(x, positions, None if cache is None else cache.layers[i], start)
+      x, layer_cache = block(x, positions, None if cache is None else cache.layers[i], start,
+                             fresh and cache is not None)
       new_layers.append(layer_cache)
     x = self.norm_f(x)
     logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)

@@ -76,15 +76,16 @@ def test_forward_matches_numpy(positions, n_kv_head, tie):
   np.testing.assert_allclose(got, _np_forward(model, tokens), rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("fresh", [False, True])
 @pytest.mark.parametrize("positions", ["rotary", "absolute"])
-def test_cached_decode_equals_full_forward(positions):
+def test_cached_decode_equals_full_forward(positions, fresh):
   cfg = tf.TransformerConfig(vocab_size=13, d_model=16, n_layer=3, n_head=4, n_kv_head=2,
                              positions=positions, max_len=29)
   model = tf.TransformerLM(cfg, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(4), (2, 21), 0, 13)
   full = np.asarray(model(tokens))
   cache = model.init_cache(2, max_len=25)
-  prefix, cache = model(tokens[:, :7], cache)  # prefill
+  prefix, cache = model(tokens[:, :7], cache, fresh=fresh)  # prefill
   np.testing.assert_allclose(np.asarray(prefix), full[:, :7], rtol=1e-5, atol=1e-5)
   step = nnx.jit(lambda m, tok, c: m.step(tok, c))
   for t in range(7, 21):
@@ -106,6 +107,11 @@ def test_rejects_bad_kv_heads():
 def test_rejects_odd_rotary_head_dim():
   with pytest.raises(ValueError, match="rotary positions need an even head dimension"):
     tf.TransformerConfig(vocab_size=4, d_model=15, n_head=5)
+
+
+def test_rejects_bad_attention():
+  with pytest.raises(ValueError, match="attention must be one of"):
+    tf.TransformerConfig(vocab_size=4, attention="flash")
 
 
 def test_rejects_bad_positions():
