@@ -13,6 +13,10 @@ Usage::
 
   python experiments/bench_scan.py --out=experiments/results/bench_scan_h100.json
 
+``--backends=...,jla`` also times the Mosaic GPU Mamba-1 kernel of the ``jax-linear-attention``
+package side by side, if it is installed (a comparison only, never a dependency of ssmax), and
+records how far its output is from ssmax's.
+
 ``--variants`` additionally times blockings of the fused kernel through ``ssmax.pallas`` directly,
 e.g. ``--variants='c8:chunk=8;c16:chunk=16,bwd_num_warps=8'``.
 """
@@ -192,7 +196,15 @@ def build_call(backend, kw, mode, config=None):
   names = [k for k in DIFF_ARGS if k in kw]
   args = [kw[k] for k in names]
   static = {k: v for k, v in kw.items() if k not in names}
-  if config is None:
+  if backend == "jla":
+    from jla.ops.mosaic_gpu.mamba1 import mamba1  # the peer kernel; its C, B, u order
+
+    def run(*a):
+      x = dict(zip(names, a))
+      y, _ = mamba1(x["C"], x["B"], x["u"], x["delta"], x["A"], d=x["D"], z=x["z"],
+                    dt_bias=x["delta_bias"], dt_softplus=static["delta_softplus"])
+      return y
+  elif config is None:
     def run(*a):
       return scan_lib.selective_scan(**dict(zip(names, a)), **static, backend=backend)
   else:
@@ -230,7 +242,7 @@ def parse_variants(spec):
     kv = {}
     for pair in filter(None, body.split(",")):
       k, v = pair.split("=")
-      kv[k.strip()] = int(v)
+      kv[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else v.strip()
     out.append((name, ssmax_pallas.Config(**kv)))
   return out
 
@@ -261,10 +273,16 @@ def main(argv):
         inner = 1 if backend == "sequential" else FLAGS.inner
         ms = time_fn(call, iters, inner, FLAGS.budget_s)
         err = None
+        if backend == "jla" and mode == "fwd":  # same semantics as ours?
+          ours = build_call("pallas", kw, "fwd")[0]()
+          agree = rel(call(), ours)
+          print(f"{shape}: jla vs ssmax pallas y rel err {agree:.2e}", flush=True)
       except Exception as e:  # report the failure in the table, keep going
         ms, peak, compile_s, err = float("nan"), None, float("nan"), f"{type(e).__name__}: {e}"[:300]
       gbps = min_bytes(b, l, d, n, mode) / (ms * 1e-3) / 1e9 if ms == ms else float("nan")
-      row = dict(shape=shape, backend=label, mode=mode, ms=ms, peak_GiB=None if peak is None else peak / 2**30,
+      agrees = backend == "jla" and mode == "fwd" and err is None
+      row = dict(shape=shape, backend=label, mode=mode, ms=ms, agree=agree if agrees else None,
+                 peak_GiB=None if peak is None else peak / 2**30,
                  GBps=gbps, frac_copy=gbps / bw, compile_s=compile_s, error=err,
                  config=None if cfg is None else {k: v for k, v in vars(cfg).items() if v is not None})
       rows.append(row)

@@ -14,7 +14,9 @@ import pytest
 
 import ssmax
 from ssmax import pallas as ssmax_pallas
+from ssmax.pallas import fused_scan
 import scan_oracle as oracle
+from conftest import fresh_seed
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -27,8 +29,9 @@ def _grouped(kw, rng, gb, gc):
   return kw
 
 
-@pytest.mark.parametrize("config", [None, ssmax_pallas.Config(chunk=4, splits=1)],
-                         ids=["public", "one_split"])
+@pytest.mark.parametrize("config", [None, ssmax_pallas.Config(chunk=4, splits=1),
+                                    ssmax_pallas.Config(chunk=4, splits=3, layout="tile")],
+                         ids=["public", "one_split", "tile"])
 def test_forward_and_last_state_fp32(config):
   kw = oracle.random_inputs(11, b=2, l=37, d=5, n=3)
   want_y, want_last = oracle.numpy_scan(**kw)
@@ -62,15 +65,28 @@ def test_forward_half_precision_inputs(dtype):
   assert oracle.rel_err(last, want_last) < 2e-2
 
 
+# (b, l, d, n, B groups, C groups, config). Channels per program: 1 for "groups" (d=6 in 6 fine
+# groups); 32 lanes, partly masked, for the others. The rows backward reduces 2·next_pow2(n) values
+# over the lanes: fewer values than lanes for "wide", more for "wide_state20".
+GRADIENT_CASES = {
+    "groups": (2, 37, 6, 3, 3, 2, ssmax_pallas.Config(chunk=4, splits=3)),
+    "groups_tile": (2, 37, 6, 3, 3, 2, ssmax_pallas.Config(chunk=4, splits=3, layout="tile")),
+    "wide": (2, 37, 40, 5, 1, 1, ssmax_pallas.Config(chunk=4, splits=3)),
+    "wide_state20": (1, 29, 36, 20, 2, 1, ssmax_pallas.Config(chunk=4, splits=2)),
+    "wide_tile": (2, 37, 40, 5, 1, 1, ssmax_pallas.Config(chunk=4, splits=3, layout="tile")),
+}
+
+
 @functools.lru_cache(maxsize=None)
-def _gradients():
+def _gradients(case):
   """Pallas gradients (twice) and float64 reference gradients of one loss using y and last_state."""
-  rng = np.random.default_rng(21)
-  kw = _grouped(oracle.random_inputs(13, b=2, l=37, d=6, n=3), rng, 3, 2)
-  wy = rng.normal(size=(2, 37, 6)).astype(np.float32)
-  wl = rng.normal(size=(2, 6, 3)).astype(np.float32)
+  b, l, d, n, gb, gc, config = GRADIENT_CASES[case]
+  seed = fresh_seed()
+  rng = np.random.default_rng(seed)
+  kw = _grouped(oracle.random_inputs(seed, b=b, l=l, d=d, n=n), rng, gb, gc)
+  wy = rng.normal(size=(b, l, d)).astype(np.float32)
+  wl = rng.normal(size=(b, d, n)).astype(np.float32)
   args = [jnp.asarray(kw[k]) for k in NAMES]
-  config = ssmax_pallas.Config(chunk=4, splits=3)
 
   def loss(*a):
     y, last = ssmax_pallas.selective_scan(*a, delta_softplus=True, interpret=True, config=config)
@@ -86,22 +102,42 @@ def _gradients():
     want = jax.grad(loss64, argnums=tuple(range(len(NAMES))))(
         *[jnp.asarray(np.asarray(a), jnp.float64) for a in args])
     want = [np.asarray(w) for w in want]
-  return args, got, again, want
+  return seed, args, got, again, want
 
 
 @pytest.mark.parametrize("index", range(len(NAMES)), ids=NAMES)
-def test_gradient_vs_float64(index):
-  args, got, _, want = _gradients()
+@pytest.mark.parametrize("case", GRADIENT_CASES)
+def test_gradient_vs_float64(case, index):
+  seed, args, got, _, want = _gradients(case)
   assert got[index].shape == args[index].shape
   assert got[index].dtype == args[index].dtype
-  assert np.all(np.isfinite(np.asarray(got[index])))
-  assert oracle.rel_err(got[index], want[index]) < 1e-3
+  assert np.all(np.isfinite(np.asarray(got[index]))), f"seed={seed}"
+  assert oracle.rel_err(got[index], want[index]) < 1e-3, f"seed={seed}"
 
 
-def test_backward_is_deterministic():
-  _, got, again, _ = _gradients()
+@pytest.mark.parametrize("case", ["groups", "wide_state20"])
+def test_backward_is_deterministic(case):
+  _, _, got, again, _ = _gradients(case)
   for a, b in zip(got, again):
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("m,lanes", [(8, 32), (32, 32), (64, 32), (4, 8), (16, 8), (2, 1)])
+def test_reduce_scatter_sums_every_vector(m, lanes, rng):
+  x = rng.normal(size=(m, lanes)).astype(np.float32)
+  out = fused_scan._reduce_scatter([jnp.asarray(v) for v in x], lanes, interpret=True)
+  assert len(out) == max(m // lanes, 1)
+  sums = fused_scan._unscatter(jnp.stack(out)[None], m, lanes)[0]
+  np.testing.assert_allclose(np.asarray(sums), x.astype(np.float64).sum(axis=1), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_rejects_unknown_layout():
+  kw = oracle.random_inputs(1, b=1, l=3, d=2, n=2)
+  x = {k: jnp.asarray(kw[k]) for k in NAMES}
+  x["B"], x["C"] = x["B"][:, :, None], x["C"][:, :, None]
+  with pytest.raises(ValueError, match="config.layout must be 'auto', 'rows' or 'tile'"):
+    ssmax_pallas.selective_scan(**x, interpret=True, config=ssmax_pallas.Config(layout="cols"))
 
 
 def test_unsupported_reason_complex_a():

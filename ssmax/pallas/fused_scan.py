@@ -68,6 +68,10 @@ class Config:
     bwd_reload: reload a step's inputs in the backward's reverse walk instead of keeping them live
       (fewer register spills; faster on an H100, see experiments/NOTES-scan.md).
     target_programs: programs per launch that the default number of splits aims at.
+    layout: how a program holds its state. ``"rows"``: one list entry per state, each a vector
+      over the program's channels, so a thread owns one channel's whole state and reductions over
+      the state axis stay in registers; ``"tile"``: one ``(state, channels)`` array laid out by
+      Triton. ``"auto"``: rows for state sizes up to ``ROWS_MAX_STATE``, tile above.
   """
 
   block_channels: int | None = None
@@ -78,6 +82,10 @@ class Config:
   bwd_num_warps: int | None = None
   bwd_reload: bool = True
   target_programs: int = 2048
+  layout: str = "auto"
+
+
+ROWS_MAX_STATE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +114,7 @@ class _Plan:
   softplus: bool
   interpret: bool
   reload: bool = False
+  rows: bool = False
 
   @property
   def channel_programs(self) -> int:
@@ -131,8 +140,11 @@ def _make_plan(u, B, C, A, D, z, delta_bias, softplus, interpret, config: Config
     block = max(1, min(32, elems // np_))
   block = min(_next_pow2(block), max(_next_pow2(cpg), 1))
   num_warps = config.bwd_num_warps if backward else config.num_warps
-  if num_warps is None:
-    num_warps = max(1, min(4, block * np_ // 512))
+  if config.layout not in ("auto", "rows", "tile"):
+    raise ValueError(f"config.layout must be 'auto', 'rows' or 'tile'; got {config.layout!r}")
+  rows = config.layout == "rows" or (config.layout == "auto" and n <= ROWS_MAX_STATE)
+  if num_warps is None:  # rows: a thread per channel
+    num_warps = max(1, block // 32) if rows else max(1, min(4, block * np_ // 512))
   sub_blocks = -(-cpg // block)
   # Short chunks keep the backward's recomputed states in registers (chunk 8 spills). A forward
   # that saves nothing for a backward runs longer chunks when batch x channel blocks alone give
@@ -148,7 +160,7 @@ def _make_plan(u, B, C, A, D, z, delta_bias, softplus, interpret, config: Config
   splits = -(-chunks // cps)
   return _Plan(b, l, d, n, gb, gc, g, cpg, block, sub_blocks, np_, chunk, chunks, cps, splits,
                num_warps, D is not None, z is not None, delta_bias is not None, softplus,
-               interpret, reload=backward and config.bwd_reload)
+               interpret, reload=backward and config.bwd_reload, rows=rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +174,46 @@ def _exp2(x, interpret):
       "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
       result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
   return y
+
+
+def _shfl_xor(x, offset, interpret):
+  """Element ``e`` of the result is element ``e ^ offset`` of ``x`` (``offset`` < 32).
+
+  On the GPU this is one warp shuffle: in the rows layout a 1-D vector of ``block`` <= 32
+  channels puts element ``e`` in lane ``e`` (lane ``e % block`` when the warp repeats it)."""
+  if interpret:
+    n = x.shape[0]
+    return x.reshape(n // (2 * offset), 2, offset)[:, ::-1].reshape(n)
+  [y] = plgpu.elementwise_inline_asm(
+      f"shfl.sync.bfly.b32 $0, $1, {offset}, 31, -1;", args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+  return y
+
+
+def _reduce_scatter(values, lanes, interpret):
+  """Sums each of ``m`` (a power of two) ``(lanes,)`` vectors over its elements, butterfly style.
+
+  Each halving step trades half of the vectors with the partner ``offset`` lanes away, so the m
+  sums take m - 1 shuffles in all instead of m·log2(lanes). Returns ``max(m // lanes, 1)``
+  vectors; see :func:`_unscatter` for which element holds which partial sum.
+  """
+  lane = jnp.arange(lanes)
+  offset = lanes // 2
+  while offset >= 1 and len(values) > 1:
+    half = len(values) // 2
+    upper = (lane & offset) != 0
+    values = [jnp.where(upper, hi, lo) + _shfl_xor(jnp.where(upper, lo, hi), offset, interpret)
+              for lo, hi in zip(values[:half], values[half:])]
+    offset //= 2
+  return values
+
+
+def _unscatter(part, m, lanes):
+  """``(..., V, lanes)`` outputs of :func:`_reduce_scatter` -> ``(..., m)`` sums."""
+  if m >= lanes:  # element e of vector k holds the whole sum of value e * V + k
+    return jnp.swapaxes(part, -1, -2).reshape(*part.shape[:-2], m)
+  # element e holds a partial sum of value e // (lanes / m)
+  return part[..., 0, :].reshape(*part.shape[:-2], m, lanes // m).sum(axis=-1)
 
 
 def _sigmoid(x, interpret):
@@ -214,6 +266,23 @@ class _Program:
   def store_tile(self, ref, x, *lead):
     plgpu.store(ref.at[(*lead, self.nidx, self.cols)], x.astype(ref.dtype), mask=self.mask2)
 
+  # Rows layout: the state is a list over states of (block,) channel vectors.
+
+  def state_rows(self, ref, *lead):
+    return [plgpu.load(ref.at[(*lead, jnp.int32(j), self.cols)], mask=self.cmask, other=0.0)
+            for j in range(self.p.state)]
+
+  def store_state_rows(self, ref, rows, *lead):
+    for j, x in enumerate(rows):
+      plgpu.store(ref.at[(*lead, jnp.int32(j), self.cols)], x.astype(ref.dtype), mask=self.cmask)
+
+  def bc_scalars(self, ref, t, group):
+    """B or C at time t as ``state`` float32 scalars (every thread reads the same value). Past the
+    end of the sequence the last step is read again: Δ is 0 there, so nothing depends on it."""
+    if self.p.ragged:
+      t = jnp.minimum(t, self.p.length - 1)
+    return [ref[self.i, t, group, j].astype(jnp.float32) for j in range(self.p.state)]
+
   def delta(self, raw, bias, valid):
     """Δ after bias and softplus, and dΔ/draw; zero past the end of the sequence."""
     p = self.p
@@ -255,6 +324,8 @@ def _compiler_params(p: _Plan):
 
 def _fwd_local_kernel(*refs, p: _Plan):
   """Each split from a zero state: end state (b, K, n, d) and ΣΔ (b, K, d)."""
+  if p.rows:
+    return _fwd_local_kernel_rows(*refs, p=p)
   r, (hloc_ref, dsum_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
   g = _Program(p)
   a2 = g.tile(r["at"]) * _LOG2E
@@ -281,6 +352,8 @@ def _fwd_local_kernel(*refs, p: _Plan):
 
 def _fwd_kernel(*refs, p: _Plan):
   """Outputs y, the state entering every chunk, and each split's end state."""
+  if p.rows:
+    return _fwd_kernel_rows(*refs, p=p)
   r, (h0_ref, y_ref, hs_ref, hend_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
   g = _Program(p)
   a2 = g.tile(r["at"]) * _LOG2E
@@ -309,6 +382,64 @@ def _fwd_kernel(*refs, p: _Plan):
 
   h = lax.fori_loop(0, g.num_chunks, chunk, g.tile(h0_ref, g.i, g.k))
   g.store_tile(hend_ref, h, g.i, g.k)
+
+
+def _fwd_local_kernel_rows(*refs, p: _Plan):
+  r, (hloc_ref, dsum_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
+  g = _Program(p)
+  a2 = [x * _LOG2E for x in g.state_rows(r["at"])]
+  bias = g.vec(r["bias"]) if p.has_bias else None
+
+  def chunk(ci, carry):
+    h, dsum = carry
+    c = g.first_chunk + ci
+    for s in range(p.chunk):
+      t = c * p.chunk + s
+      valid = g.valid(t)
+      u = g.row(r["u"], t, valid)
+      dt, _ = g.delta(g.row(r["delta"], t, valid), bias, valid)
+      bt = g.bc_scalars(r["B"], t, g.gb)
+      dtu = dt * u
+      h = [_exp2(dt * a2[j], p.interpret) * h[j] + bt[j] * dtu for j in range(p.state)]
+      dsum = dsum + dt
+    return h, dsum
+
+  zero = jnp.zeros((p.block,), jnp.float32)
+  h, dsum = lax.fori_loop(0, g.num_chunks, chunk, ([zero] * p.state, zero))
+  g.store_state_rows(hloc_ref, h, g.i, g.k)
+  plgpu.store(dsum_ref.at[g.i, g.k, g.cols], dsum, mask=g.cmask)
+
+
+def _fwd_kernel_rows(*refs, p: _Plan):
+  r, (h0_ref, y_ref, hs_ref, hend_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
+  g = _Program(p)
+  a2 = [x * _LOG2E for x in g.state_rows(r["at"])]
+  bias = g.vec(r["bias"]) if p.has_bias else None
+  dskip = g.vec(r["D"]) if p.has_d else None
+
+  def chunk(ci, h):
+    c = g.first_chunk + ci
+    g.store_state_rows(hs_ref, h, g.i, c)
+    for s in range(p.chunk):
+      t = c * p.chunk + s
+      valid = g.valid(t)
+      u = g.row(r["u"], t, valid)
+      dt, _ = g.delta(g.row(r["delta"], t, valid), bias, valid)
+      bt = g.bc_scalars(r["B"], t, g.gb)
+      ct = g.bc_scalars(r["C"], t, g.gc)
+      dtu = dt * u
+      h = [_exp2(dt * a2[j], p.interpret) * h[j] + bt[j] * dtu for j in range(p.state)]
+      y = dskip * u if p.has_d else None
+      for j in range(p.state):
+        y = ct[j] * h[j] if y is None else y + ct[j] * h[j]
+      if p.has_z:
+        z = g.row(r["z"], t, valid)
+        y = y * z * _sigmoid(z, p.interpret)
+      g.store_row(y_ref, t, valid, y)
+    return h
+
+  h = lax.fori_loop(0, g.num_chunks, chunk, g.state_rows(h0_ref, g.i, g.k))
+  g.store_state_rows(hend_ref, h, g.i, g.k)
 
 
 def _inputs(p: _Plan, u, delta, at, B, C, D, z, bias):
@@ -389,6 +520,8 @@ def _dout(g: _Program, r, t, valid, dy):
 
 def _bwd_local_kernel(*refs, p: _Plan):
   """Adjoint recurrence over each split from zero: g at the split start (b, K, n, d), ΣΔ (b, K, d)."""
+  if p.rows:
+    return _bwd_local_kernel_rows(*refs, p=p)
   r, (dy_ref, gloc_ref, dsum_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
   g = _Program(p)
   a2 = g.tile(r["at"]) * _LOG2E
@@ -413,8 +546,35 @@ def _bwd_local_kernel(*refs, p: _Plan):
   plgpu.store(dsum_ref.at[g.i, g.k, g.cols], dsum, mask=g.cmask)
 
 
+def _bwd_local_kernel_rows(*refs, p: _Plan):
+  r, (dy_ref, gloc_ref, dsum_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
+  g = _Program(p)
+  a2 = [x * _LOG2E for x in g.state_rows(r["at"])]
+  bias = g.vec(r["bias"]) if p.has_bias else None
+
+  def chunk(ci, carry):
+    gs, dsum = carry
+    c = g.first_chunk + g.num_chunks - 1 - ci
+    for s in reversed(range(p.chunk)):
+      t = c * p.chunk + s
+      valid = g.valid(t)
+      dt, _ = g.delta(g.row(r["delta"], t, valid), bias, valid)
+      dout, _ = _dout(g, r, t, valid, g.row(dy_ref, t, valid))
+      ct = g.bc_scalars(r["C"], t, g.gc)
+      gs = [_exp2(dt * a2[j], p.interpret) * (gs[j] + ct[j] * dout) for j in range(p.state)]
+      dsum = dsum + dt
+    return gs, dsum
+
+  zero = jnp.zeros((p.block,), jnp.float32)
+  gs, dsum = lax.fori_loop(0, g.num_chunks, chunk, ([zero] * p.state, zero))
+  g.store_state_rows(gloc_ref, gs, g.i, g.k)
+  plgpu.store(dsum_ref.at[g.i, g.k, g.cols], dsum, mask=g.cmask)
+
+
 def _bwd_kernel(*refs, p: _Plan):
   """Gradients of one split, walking its chunks backwards from the gradient at its end."""
+  if p.rows:
+    return _bwd_kernel_rows(*refs, p=p)
   r, rest = _unpack(refs, _IN_NAMES, _in_flags(p))
   (hs_ref, dy_ref, gend_ref, du_ref, ddelta_ref, dz_ref, dbp_ref, dcp_ref, gstart_ref, dap_ref,
    ddp_ref, dbiasp_ref) = rest
@@ -500,6 +660,93 @@ def _bwd_kernel(*refs, p: _Plan):
   plgpu.store(dbiasp_ref.at[g.i, g.k, g.cols], dbias_acc, mask=g.cmask)
 
 
+def _bwd_kernel_rows(*refs, p: _Plan):
+  """As :func:`_bwd_kernel`; dC and dB of a step are reduced over channels together by one
+  butterfly (:func:`_reduce_scatter`) and stored as ``(V, block)`` partials."""
+  r, rest = _unpack(refs, _IN_NAMES, _in_flags(p))
+  (hs_ref, dy_ref, gend_ref, du_ref, ddelta_ref, dz_ref, dbcp_ref, gstart_ref, dap_ref,
+   ddp_ref, dbiasp_ref) = rest
+  g = _Program(p)
+  n = p.state
+  a2 = [x * _LOG2E for x in g.state_rows(r["at"])]
+  bias = g.vec(r["bias"]) if p.has_bias else None
+  dskip = g.vec(r["D"]) if p.has_d else None
+  zero = jnp.zeros((p.block,), jnp.float32)
+  pad = [zero] * (p.state_pad - n)
+
+  def step_inputs(t, valid):
+    u = g.row(r["u"], t, valid)
+    dt, dsp = g.delta(g.row(r["delta"], t, valid), bias, valid)
+    dy = g.row(dy_ref, t, valid)
+    dout, z = _dout(g, r, t, valid, dy)
+    return u, dt, dsp, dy, dout, z
+
+  def chunk(ci, carry):
+    gs, da_acc, dd_acc, dbias_acc = carry
+    c = g.first_chunk + g.num_chunks - 1 - ci
+    h = g.state_rows(hs_ref, g.i, c)
+    states = [h]
+    for s in range(p.chunk):  # recompute the chunk's states
+      t = c * p.chunk + s
+      valid = g.valid(t)
+      u, dt, dsp, dy, dout, z = step_inputs(t, valid)
+      bt = g.bc_scalars(r["B"], t, g.gb)
+      dtu = dt * u
+      h = [_exp2(dt * a2[j], p.interpret) * h[j] + bt[j] * dtu for j in range(n)]
+      states.append(h)
+      if p.has_z:
+        ct = g.bc_scalars(r["C"], t, g.gc)
+        out = dskip * u if p.has_d else None
+        for j in range(n):
+          out = ct[j] * h[j] if out is None else out + ct[j] * h[j]
+        sz = _sigmoid(z, p.interpret)
+        g.store_row(dz_ref, t, valid, dy * out * sz * (1.0 + z * (1.0 - sz)))
+      if p.has_d:
+        dd_acc = dd_acc + dout * u
+    for s in reversed(range(p.chunk)):  # walk back over them
+      t = c * p.chunk + s
+      valid = g.valid(t)
+      u, dt, dsp, _, dout, _ = step_inputs(t, valid)
+      bt = g.bc_scalars(r["B"], t, g.gb)
+      ct = g.bc_scalars(r["C"], t, g.gc)
+      dtu = dt * u
+      dc = [states[s + 1][j] * dout for j in range(n)]
+      gs = [gs[j] + ct[j] * dout for j in range(n)]
+      decay = [_exp2(dt * a2[j], p.interpret) for j in range(n)]
+      gdh = [gs[j] * decay[j] * states[s][j] for j in range(n)]
+      da_acc = [da_acc[j] + gdh[j] * dt for j in range(n)]
+      gb_sum = gs[0] * bt[0]
+      gda = gdh[0] * a2[0]
+      for j in range(1, n):
+        gb_sum = gb_sum + gs[j] * bt[j]
+        gda = gda + gdh[j] * a2[j]
+      ddt = gda * (1.0 / _LOG2E) + gb_sum * u
+      du = gb_sum * dt
+      if p.has_d:
+        du = du + dskip * dout
+      g.store_row(du_ref, t, valid, du)
+      draw = ddt if dsp is None else ddt * dsp
+      if valid is not None:
+        draw = jnp.where(valid, draw, 0.0)
+      g.store_row(ddelta_ref, t, valid, draw)
+      if p.has_bias:
+        dbias_acc = dbias_acc + draw
+      db = [gs[j] * dtu for j in range(n)]
+      sums = _reduce_scatter(dc + pad + db + pad, p.block, p.interpret)
+      for k, x in enumerate(sums):
+        plgpu.store(dbcp_ref.at[g.i, t, g.pc, jnp.int32(k), pl.ds(0, p.block)], x,
+                    mask=None if valid is None else jnp.full((p.block,), valid))
+      gs = [decay[j] * gs[j] for j in range(n)]
+    return gs, da_acc, dd_acc, dbias_acc
+
+  gs, da_acc, dd_acc, dbias_acc = lax.fori_loop(
+      0, g.num_chunks, chunk, (g.state_rows(gend_ref, g.i, g.k), [zero] * n, zero, zero))
+  g.store_state_rows(gstart_ref, gs, g.i, g.k)
+  g.store_state_rows(dap_ref, da_acc, g.i, g.k)
+  plgpu.store(ddp_ref.at[g.i, g.k, g.cols], dd_acc, mask=g.cmask)
+  plgpu.store(dbiasp_ref.at[g.i, g.k, g.cols], dbias_acc, mask=g.cmask)
+
+
 def _backward(p: _Plan, res, dy, dlast_t):
   u, delta, at, B, C, D, z, bias, hs = res
   b, l, d, n, k = p.batch, p.length, p.channels, p.state, p.splits
@@ -515,19 +762,24 @@ def _backward(p: _Plan, res, dy, dlast_t):
   else:
     gend = dlast_t[:, None]
   nprog = p.channel_programs
-  outs = (
-      jax.ShapeDtypeStruct(u.shape, u.dtype),
-      jax.ShapeDtypeStruct(delta.shape, delta.dtype),
-      jax.ShapeDtypeStruct(z.shape if p.has_z else (1, 1, 1), z.dtype if p.has_z else f32),
-      jax.ShapeDtypeStruct((b, l, nprog, n), f32),
-      jax.ShapeDtypeStruct((b, l, nprog, n), f32),
-      jax.ShapeDtypeStruct((b, k, n, d), f32),
-      jax.ShapeDtypeStruct((b, k, n, d), f32),
-      jax.ShapeDtypeStruct((b, k, d), f32),
-      jax.ShapeDtypeStruct((b, k, d), f32),
-  )
-  du, ddelta, dz, dbp, dcp, gstart, dap, ddp, dbiasp = _call(
-      _bwd_kernel, p, outs, *ins, hs, dy, gend)
+  grads = (jax.ShapeDtypeStruct(u.shape, u.dtype),
+           jax.ShapeDtypeStruct(delta.shape, delta.dtype),
+           jax.ShapeDtypeStruct(z.shape if p.has_z else (1, 1, 1), z.dtype if p.has_z else f32))
+  params = (jax.ShapeDtypeStruct((b, k, n, d), f32),
+            jax.ShapeDtypeStruct((b, k, n, d), f32),
+            jax.ShapeDtypeStruct((b, k, d), f32),
+            jax.ShapeDtypeStruct((b, k, d), f32))
+  if p.rows:
+    m = 2 * p.state_pad
+    part = jax.ShapeDtypeStruct((b, l, nprog, max(m // p.block, 1), p.block), f32)
+    du, ddelta, dz, dbcp, gstart, dap, ddp, dbiasp = _call(
+        _bwd_kernel, p, (*grads, part, *params), *ins, hs, dy, gend)
+    dbc = _unscatter(dbcp, m, p.block)
+    dcp, dbp = dbc[..., :n], dbc[..., p.state_pad:p.state_pad + n]
+  else:
+    part = jax.ShapeDtypeStruct((b, l, nprog, n), f32)
+    du, ddelta, dz, dbp, dcp, gstart, dap, ddp, dbiasp = _call(
+        _bwd_kernel, p, (*grads, part, part, *params), *ins, hs, dy, gend)
 
   def group_sum(part, groups, dtype):
     per = nprog // groups
