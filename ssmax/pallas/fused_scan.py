@@ -72,6 +72,8 @@ class Config:
       over the program's channels, so a thread owns one channel's whole state and reductions over
       the state axis stay in registers; ``"tile"``: one ``(state, channels)`` array laid out by
       Triton. ``"auto"``: rows for state sizes up to ``ROWS_MAX_STATE``, tile above.
+    pack_bc: in the rows layout, read 16-bit B and C two states per 32-bit load (an even state
+      size): every thread reads all of a step's B and C, so this halves the loads per step.
   """
 
   block_channels: int | None = None
@@ -83,6 +85,7 @@ class Config:
   bwd_reload: bool = True
   target_programs: int = 2048
   layout: str = "auto"
+  pack_bc: bool = True
 
 
 ROWS_MAX_STATE = 32
@@ -115,6 +118,7 @@ class _Plan:
   interpret: bool
   reload: bool = False
   rows: bool = False
+  packed: str | None = None  # "bfloat16"/"float16": B and C arrive as uint32 pairs of states
 
   @property
   def channel_programs(self) -> int:
@@ -158,9 +162,12 @@ def _make_plan(u, B, C, A, D, z, delta_bias, softplus, interpret, config: Config
   splits = max(1, min(splits, chunks))
   cps = -(-chunks // splits)
   splits = -(-chunks // cps)
+  packed = None
+  if rows and config.pack_bc and n % 2 == 0 and B.dtype == C.dtype and B.dtype.itemsize == 2:
+    packed = jnp.dtype(B.dtype).name
   return _Plan(b, l, d, n, gb, gc, g, cpg, block, sub_blocks, np_, chunk, chunks, cps, splits,
                num_warps, D is not None, z is not None, delta_bias is not None, softplus,
-               interpret, reload=backward and config.bwd_reload, rows=rows)
+               interpret, reload=backward and config.bwd_reload, rows=rows, packed=packed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,9 +286,21 @@ class _Program:
   def bc_scalars(self, ref, t, group):
     """B or C at time t as ``state`` float32 scalars (every thread reads the same value). Past the
     end of the sequence the last step is read again: Δ is 0 there, so nothing depends on it."""
-    if self.p.ragged:
-      t = jnp.minimum(t, self.p.length - 1)
-    return [ref[self.i, t, group, j].astype(jnp.float32) for j in range(self.p.state)]
+    p = self.p
+    if p.ragged:
+      t = jnp.minimum(t, p.length - 1)
+    if p.packed is None:
+      return [ref[self.i, t, group, jnp.int32(j)].astype(jnp.float32) for j in range(p.state)]
+    out = []
+    for j in range(p.state // 2):
+      w = ref[self.i, t, group, jnp.int32(j)]  # state 2j in the low half, 2j + 1 in the high
+      if p.packed == "bfloat16":  # a bfloat16 is the high half of a float32
+        out += [lax.bitcast_convert_type(w << 16, jnp.float32),
+                lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32)]
+      else:
+        out += [lax.bitcast_convert_type(x.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+                for x in (w & jnp.uint32(0xFFFF), w >> 16)]
+    return out
 
   def delta(self, raw, bias, valid):
     """Δ after bias and softplus, and dΔ/draw; zero past the end of the sequence."""
@@ -442,7 +461,14 @@ def _fwd_kernel_rows(*refs, p: _Plan):
   g.store_state_rows(hend_ref, h, g.i, g.k)
 
 
+def _pack(x):
+  """(..., n) 16-bit -> (..., n / 2) uint32 holding states 2j (low half) and 2j + 1."""
+  return lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), jnp.uint32)
+
+
 def _inputs(p: _Plan, u, delta, at, B, C, D, z, bias):
+  if p.packed is not None:
+    B, C = _pack(B), _pack(C)
   return [x for x, keep in ((u, True), (delta, True), (at, True), (B, True), (C, True),
                             (D, p.has_d), (z, p.has_z), (bias, p.has_bias)) if keep]
 
