@@ -4,9 +4,18 @@ Semantics are those of :func:`ssmax.scan.selective_scan` (``_sequential`` there 
 
 Blocking. A program owns one batch element, ``block_channels`` channels that share one B group and
 one C group, and one *split* of the sequence: ``chunks_per_split`` chunks of ``chunk`` time steps.
-Its state is a ``(padded state, block_channels)`` float32 tile held in registers; channels are the
-last axis so that each row of u, Δ, z and y is one coalesced access. Inside a chunk the time steps are
-unrolled in Python, so their independent loads are issued ahead of the recurrence.
+Channels are the last axis of every array so that each row of u, Δ, z and y is one coalesced
+access. Inside a chunk the time steps are unrolled in Python, so their independent loads are issued
+ahead of the recurrence. The state is held in float32 registers in one of two layouts:
+
+* rows (state sizes up to ``ROWS_MAX_STATE``, the default there): a Python list with one
+  ``(block_channels,)`` vector per state. With 32 channels and one warp a thread owns one channel
+  and all of its states, so every op is elementwise and the sums over states (C·h, dΔ, du) stay in
+  the thread: the generated code has no layout conversions and no shuffles in the forward. B and C
+  are read as warp-uniform scalars, two 16-bit states per 32-bit load. The backward's sums over
+  channels (dB and dC of a step, 2·n values) take one butterfly reduce-scatter of warp shuffles
+  (:func:`_reduce_scatter`), 2·n - 1 shuffles instead of 2·n·5.
+* tile (larger states): one ``(padded state, block_channels)`` array laid out by Triton.
 
 Forward (``_forward``):
   1. if the sequence has several splits, ``_fwd_local_kernel`` runs each split from a zero state and
@@ -20,14 +29,15 @@ Backward (``_backward``), the same two steps in reverse time:
      each split from zero (it needs no states); a reverse ``lax.scan`` over splits gives each split
      the gradient of the state at its end, the last one being the cotangent of ``last_state``;
   2. ``_bwd_kernel`` walks the chunks of its split backwards: it recomputes the chunk's states from
-     the saved one (kept in registers, one tile per unrolled step), then walks back over them.
+     the saved one (kept in registers, one state per unrolled step), then walks back over them.
      Gradients of B and C are reduced over the program's channels inside the kernel and over
      channel blocks by XLA afterwards, and parameter gradients are summed per program and then by
      XLA: every sum has a fixed order, so the backward is deterministic (no atomics).
 
 The kernels use the Pallas Triton lowering (``pl.pallas_call`` with ``pallas.triton`` compiler
 parameters): on JAX 0.11 it lowers dynamic ``pl.ds`` indexing inside ``fori_loop``, masked loads and
-reductions, and compiles in seconds. Triton needs power-of-two array shapes, so channels and states
+reductions. A forward+backward compiles in 5 s (tile) to 30 s (rows, whose unrolled lists make long
+programs) on an H100, XLA included. Triton needs power-of-two array shapes, so channels and states
 are padded up and masked. With ``interpret=True`` the same kernels run in Pallas's interpreter.
 """
 
