@@ -554,6 +554,15 @@ def _dout(g: _Program, r, t, valid, dy):
   return dy * z * _sigmoid(z, g.p.interpret), z
 
 
+def _bwd_step_inputs(g: _Program, r, dy_ref, bias, t, valid):
+  """A step's u, Δ, dΔ/draw, dy, the cotangent before the gate and z."""
+  u = g.row(r["u"], t, valid)
+  dt, dsp = g.delta(g.row(r["delta"], t, valid), bias, valid)
+  dy = g.row(dy_ref, t, valid)
+  dout, z = _dout(g, r, t, valid, dy)
+  return u, dt, dsp, dy, dout, z
+
+
 def _bwd_local_kernel(*refs, p: _Plan):
   """Adjoint recurrence over each split from zero: g at the split start (b, K, n, d), ΣΔ (b, K, d)."""
   if p.rows:
@@ -619,12 +628,7 @@ def _bwd_kernel(*refs, p: _Plan):
   bias = g.vec(r["bias"]) if p.has_bias else None
   dskip = g.vec(r["D"]) if p.has_d else None
 
-  def step_inputs(t, valid):
-    u = g.row(r["u"], t, valid)
-    dt, dsp = g.delta(g.row(r["delta"], t, valid), bias, valid)
-    dy = g.row(dy_ref, t, valid)
-    dout, z = _dout(g, r, t, valid, dy)
-    return u, dt, dsp, dy, dout, z
+  step_inputs = functools.partial(_bwd_step_inputs, g, r, dy_ref, bias)
 
   def chunk(ci, carry):
     gs, da_acc, dd_acc, dbias_acc = carry
@@ -710,12 +714,7 @@ def _bwd_kernel_rows(*refs, p: _Plan):
   zero = jnp.zeros((p.block,), jnp.float32)
   pad = [zero] * (p.state_pad - n)
 
-  def step_inputs(t, valid):
-    u = g.row(r["u"], t, valid)
-    dt, dsp = g.delta(g.row(r["delta"], t, valid), bias, valid)
-    dy = g.row(dy_ref, t, valid)
-    dout, z = _dout(g, r, t, valid, dy)
-    return u, dt, dsp, dy, dout, z
+  step_inputs = functools.partial(_bwd_step_inputs, g, r, dy_ref, bias)
 
   def chunk(ci, carry):
     gs, da_acc, dd_acc, dbias_acc = carry
