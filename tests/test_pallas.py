@@ -146,24 +146,22 @@ def test_rejects_unknown_layout():
     ssmax_pallas.selective_scan(**x, interpret=True, config=ssmax_pallas.Config(layout="cols"))
 
 
-def test_unsupported_reason_complex_a():
-  kw = oracle.random_inputs(14, b=1, l=5, d=2, n=2, complex_a=True)
+def _unsupported_reason(**shape):
+  kw = oracle.random_inputs(**shape)
   x = ssmax.scan.check_inputs(**{k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
                                  for k, v in kw.items()})
-  reason = ssmax_pallas.unsupported_reason(*x[:9])
+  return ssmax_pallas.unsupported_reason(*x[:9])
+
+
+def test_unsupported_reason_complex_a():
+  reason = _unsupported_reason(seed=14, b=1, l=5, d=2, n=2, complex_a=True)
   assert reason is not None and "complex A" in reason
 
 
 def test_unsupported_reason_large_state():
-  kw = oracle.random_inputs(15, b=1, l=3, d=2, n=257, with_state=False)
-  x = ssmax.scan.check_inputs(**{k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
-                                 for k, v in kw.items()})
-  reason = ssmax_pallas.unsupported_reason(*x[:9])
+  reason = _unsupported_reason(seed=15, b=1, l=3, d=2, n=257, with_state=False)
   assert reason is not None and "257" in reason
-  kw = oracle.random_inputs(15, b=1, l=3, d=2, n=256, with_state=False)
-  x = ssmax.scan.check_inputs(**{k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
-                                 for k, v in kw.items()})
-  assert ssmax_pallas.unsupported_reason(*x[:9]) is None
+  assert _unsupported_reason(seed=15, b=1, l=3, d=2, n=256, with_state=False) is None
 
 
 def test_explicit_pallas_raises_and_auto_falls_back():
