@@ -172,3 +172,20 @@ def test_explicit_pallas_raises_and_auto_falls_back():
   y = ssmax.selective_scan(**kw, backend="auto")
   want, _ = oracle.numpy_scan(**kw)
   assert oracle.rel_err(y, want) < 2e-4
+
+
+def test_rows_backward_needs_one_warp_of_channels():
+  kw = oracle.random_inputs(2, b=1, l=5, d=64, n=4)
+  x = {k: jnp.asarray(kw[k]) for k in NAMES}
+  x["B"], x["C"] = x["B"][:, :, None], x["C"][:, :, None]
+  args = [x[k] for k in NAMES]
+
+  def grad(config):
+    loss = lambda *a: ssmax_pallas.selective_scan(*a, interpret=True, config=config)[0].sum()
+    return jax.grad(loss)(*args)
+
+  with pytest.raises(ValueError, match="config.layout='rows' needs bwd_block_channels <= 32"):
+    grad(ssmax_pallas.Config(layout="rows", bwd_block_channels=64))
+  # "auto" takes the tile layout for such a backward instead, and agrees with the default.
+  np.testing.assert_allclose(grad(ssmax_pallas.Config(bwd_block_channels=64)),
+                             grad(ssmax_pallas.Config()), rtol=1e-5, atol=1e-5)

@@ -157,6 +157,10 @@ def _make_plan(u, B, C, A, D, z, delta_bias, softplus, interpret, config: Config
   if config.layout not in ("auto", "rows", "tile"):
     raise ValueError(f"config.layout must be 'auto', 'rows' or 'tile'; got {config.layout!r}")
   rows = config.layout == "rows" or (config.layout == "auto" and n <= ROWS_MAX_STATE)
+  if rows and backward and block > 32:  # its dB/dC butterfly shuffles within one warp
+    if config.layout == "rows":
+      raise ValueError(f"config.layout='rows' needs bwd_block_channels <= 32; got {block}")
+    rows = False
   if num_warps is None:  # rows: a thread per channel
     num_warps = max(1, block // 32) if rows else max(1, min(4, block * np_ // 512))
   sub_blocks = -(-cpg // block)
@@ -233,6 +237,19 @@ def _unscatter(part, m, lanes):
   return part[..., 0, :].reshape(*part.shape[:-2], m, lanes // m).sum(axis=-1)
 
 
+def _rows_update(h, dt, dtu, a2, bt, interpret):
+  """h_j <- exp(Δ A_j) h_j + B_j Δ u for every state j (rows layout)."""
+  return [_exp2(dt * a2[j], interpret) * h[j] + bt[j] * dtu for j in range(len(h))]
+
+
+def _rows_dot(ct, h, init=None):
+  """``init + Σ_j C_j h_j``, summed in state order (rows layout)."""
+  out = init
+  for c, x in zip(ct, h):
+    out = c * x if out is None else out + c * x
+  return out
+
+
 def _sigmoid(x, interpret):
   return 1.0 / (1.0 + _exp2(-x * _LOG2E, interpret))
 
@@ -292,6 +309,10 @@ class _Program:
   def store_state_rows(self, ref, rows, *lead):
     for j, x in enumerate(rows):
       plgpu.store(ref.at[(*lead, jnp.int32(j), self.cols)], x.astype(ref.dtype), mask=self.cmask)
+
+  def a2_rows(self, at_ref):
+    """A·log2(e) per state, from A transposed ``(state, channels)``."""
+    return [x * _LOG2E for x in self.state_rows(at_ref)]
 
   def bc_scalars(self, ref, t, group):
     """B or C at time t as ``state`` float32 scalars (every thread reads the same value). Past the
@@ -416,7 +437,7 @@ def _fwd_kernel(*refs, p: _Plan):
 def _fwd_local_kernel_rows(*refs, p: _Plan):
   r, (hloc_ref, dsum_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
   g = _Program(p)
-  a2 = [x * _LOG2E for x in g.state_rows(r["at"])]
+  a2 = g.a2_rows(r["at"])
   bias = g.vec(r["bias"]) if p.has_bias else None
 
   def chunk(ci, carry):
@@ -429,7 +450,7 @@ def _fwd_local_kernel_rows(*refs, p: _Plan):
       dt, _ = g.delta(g.row(r["delta"], t, valid), bias, valid)
       bt = g.bc_scalars(r["B"], t, g.gb)
       dtu = dt * u
-      h = [_exp2(dt * a2[j], p.interpret) * h[j] + bt[j] * dtu for j in range(p.state)]
+      h = _rows_update(h, dt, dtu, a2, bt, p.interpret)
       dsum = dsum + dt
     return h, dsum
 
@@ -442,7 +463,7 @@ def _fwd_local_kernel_rows(*refs, p: _Plan):
 def _fwd_kernel_rows(*refs, p: _Plan):
   r, (h0_ref, y_ref, hs_ref, hend_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
   g = _Program(p)
-  a2 = [x * _LOG2E for x in g.state_rows(r["at"])]
+  a2 = g.a2_rows(r["at"])
   bias = g.vec(r["bias"]) if p.has_bias else None
   dskip = g.vec(r["D"]) if p.has_d else None
 
@@ -457,10 +478,8 @@ def _fwd_kernel_rows(*refs, p: _Plan):
       bt = g.bc_scalars(r["B"], t, g.gb)
       ct = g.bc_scalars(r["C"], t, g.gc)
       dtu = dt * u
-      h = [_exp2(dt * a2[j], p.interpret) * h[j] + bt[j] * dtu for j in range(p.state)]
-      y = dskip * u if p.has_d else None
-      for j in range(p.state):
-        y = ct[j] * h[j] if y is None else y + ct[j] * h[j]
+      h = _rows_update(h, dt, dtu, a2, bt, p.interpret)
+      y = _rows_dot(ct, h, dskip * u if p.has_d else None)
       if p.has_z:
         z = g.row(r["z"], t, valid)
         y = y * z * _sigmoid(z, p.interpret)
@@ -594,7 +613,7 @@ def _bwd_local_kernel(*refs, p: _Plan):
 def _bwd_local_kernel_rows(*refs, p: _Plan):
   r, (dy_ref, gloc_ref, dsum_ref) = _unpack(refs, _IN_NAMES, _in_flags(p))
   g = _Program(p)
-  a2 = [x * _LOG2E for x in g.state_rows(r["at"])]
+  a2 = g.a2_rows(r["at"])
   bias = g.vec(r["bias"]) if p.has_bias else None
 
   def chunk(ci, carry):
@@ -708,7 +727,7 @@ def _bwd_kernel_rows(*refs, p: _Plan):
    ddp_ref, dbiasp_ref) = rest
   g = _Program(p)
   n = p.state
-  a2 = [x * _LOG2E for x in g.state_rows(r["at"])]
+  a2 = g.a2_rows(r["at"])
   bias = g.vec(r["bias"]) if p.has_bias else None
   dskip = g.vec(r["D"]) if p.has_d else None
   zero = jnp.zeros((p.block,), jnp.float32)
@@ -727,13 +746,11 @@ def _bwd_kernel_rows(*refs, p: _Plan):
       u, dt, dsp, dy, dout, z = step_inputs(t, valid)
       bt = g.bc_scalars(r["B"], t, g.gb)
       dtu = dt * u
-      h = [_exp2(dt * a2[j], p.interpret) * h[j] + bt[j] * dtu for j in range(n)]
+      h = _rows_update(h, dt, dtu, a2, bt, p.interpret)
       states.append(h)
       if p.has_z:
         ct = g.bc_scalars(r["C"], t, g.gc)
-        out = dskip * u if p.has_d else None
-        for j in range(n):
-          out = ct[j] * h[j] if out is None else out + ct[j] * h[j]
+        out = _rows_dot(ct, h, dskip * u if p.has_d else None)
         sz = _sigmoid(z, p.interpret)
         g.store_row(dz_ref, t, valid, dy * out * sz * (1.0 + z * (1.0 - sz)))
       if p.has_d:
