@@ -69,8 +69,9 @@ def tokens_for(model, shape, seed):
 @pytest.mark.parametrize("overrides", [
     None,
     dict(gated=False, scan_backend="sequential"),
+    dict(scan_backend="pallas"),  # the fused scan and step kernels, interpret mode
     dict(ssm="s4d", s4d_init="lin", d_state=4),
-])
+], ids=["auto", "ungated_sequential", "pallas", "s4d"])
 def test_step_logits_equal_forward_logits(model, overrides):
   if overrides is not None:
     model = make_model(1, **overrides)

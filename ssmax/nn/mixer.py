@@ -38,7 +38,7 @@ from ssmax import _checks, parallel
 from ssmax.nn import init as inits
 from ssmax.nn.config import DT_INITS, SSM_KINDS, MambaConfig, check_dt_range, resolve_dt_rank
 from ssmax.nn.s4 import S4D_INITS, S4DLayer
-from ssmax.scan import BACKENDS, selective_scan
+from ssmax.scan import BACKENDS, selective_scan, selective_state_update
 
 
 class MixerState(NamedTuple):
@@ -212,6 +212,9 @@ class MambaMixer(nnx.Module):
   def step(self, state: MixerState, x: jax.Array):
     """Recurrent mode: one token, O(1) in the sequence length.
 
+    The SSM part is one :func:`ssmax.selective_state_update` with the mixer's ``scan_backend``:
+    the fused Pallas step kernel on a GPU under ``"auto"``, plain JAX elsewhere.
+
     Args:
       state: :class:`MixerState` for ``batch`` sequences.
       x: ``(batch, d_model)`` the current token's input.
@@ -231,19 +234,19 @@ class MambaMixer(nnx.Module):
     if self.conv1d.bias is not None:
       u = u + self.conv1d.bias[...].astype(self.dtype)
     u = jax.nn.silu(u)
-    u32 = u.astype(jnp.float32)
     if self.ssm == "selective":
-      dt, B, C = (t[:, 0] for t in self._x_proj(u[:, None, :]))
-      dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_proj.bias[...].astype(jnp.float32))
-      A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-      h = (jnp.exp(dt[..., None] * A) * state.ssm
-           + (dt * u32)[..., None] * B.astype(jnp.float32)[:, None, :])
-      y = jnp.sum(h * C.astype(jnp.float32)[:, None, :], axis=-1)
-      y = y + self.D[...].astype(jnp.float32) * u32
+      # Δ's projection is left to the step (the pallas kernel fuses it with the update).
+      x_dbl = self.x_proj(u)
+      r, n = self.dt_rank, self.d_state
+      y, h = selective_state_update(
+          state.ssm, u, x_dbl[:, :r], -jnp.exp(self.A_log[...].astype(jnp.float32)),
+          x_dbl[:, r:r + n], x_dbl[:, r + n:], D=self.D[...], z=z,
+          delta_bias=self.dt_proj.bias[...], delta_softplus=True,
+          delta_proj=self.dt_proj.kernel[...], backend=self.scan_backend)
     else:
-      y, h = self.s4d.step(state.ssm, u32)
-    if z is not None:
-      y = y * jax.nn.silu(z.astype(jnp.float32))
+      y, h = self.s4d.step(state.ssm, u.astype(jnp.float32))
+      if z is not None:
+        y = y * jax.nn.silu(z.astype(jnp.float32))
     return self.out_proj(y.astype(self.dtype)), MixerState(conv, h)
 
   # --------------------------------------------------------------------------------------------

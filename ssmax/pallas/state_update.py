@@ -1,0 +1,184 @@
+"""Fused selective-state update for decoding: one time step of the selective scan in one kernel.
+
+Semantics are those of :func:`ssmax.scan.selective_state_update` (one step of
+:func:`ssmax.selective_scan` from a given state)::
+
+    Δ   = softplus(delta @ delta_proj + delta_bias)      (projection, bias and softplus optional)
+    h'  = exp(Δ A) * h + Δ B u
+    y   = (C · h' + D u) * SiLU(z)
+
+In a decode step these are a dozen small XLA ops per layer (the Δ projection's matrix product,
+softplus, exp, the update, the sum over states, skip and gate), each its own launch at batch 1.
+Here they are one launch: a program owns one batch element and ``block_channels`` channels, loads
+their ``(block_channels, state)`` state tile, the low-rank Δ input and its slice of ``delta_proj``,
+and writes y and the new state over the old one (the state is an aliased input-output).
+
+Not differentiable on its own: :func:`selective_state_update` wraps it in a ``custom_vjp`` whose
+backward differentiates the plain JAX step. Pallas Triton lowering, like :mod:`.fused_scan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ssmax.pallas.fused_scan import MAX_STATE, _SUPPORTED_DTYPES, _next_pow2
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Blocking of the step kernel; ``None`` picks a default.
+
+  Attributes:
+    block_channels: channels per program (a power of two). With several B/C groups it is capped
+      so that a program never straddles two groups.
+    num_warps: warps per program.
+  """
+
+  block_channels: int | None = None
+  num_warps: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  batch: int
+  channels: int
+  state: int
+  state_pad: int
+  rank: int | None  # low-rank Δ input (delta_proj given), else None
+  rank_pad: int
+  groups: int
+  block: int
+  num_warps: int
+  has_d: bool
+  has_z: bool
+  has_bias: bool
+  softplus: bool
+  interpret: bool
+
+
+def _make_plan(state, delta, A, B, D, z, delta_bias, delta_proj, softplus, interpret,
+               config: StepConfig) -> _Plan:
+  b, d, n = state.shape
+  groups = B.shape[1]
+  cpg = d // groups
+  block = config.block_channels or 32
+  if block < 1 or block & (block - 1):
+    raise ValueError(f"block_channels must be a power of two; got {block}")
+  block = min(block, _next_pow2(cpg))
+  if groups > 1:  # a program reads one group's B and C
+    block = min(block, cpg & -cpg)
+  rank = None if delta_proj is None else delta.shape[1]
+  num_warps = config.num_warps or 4
+  return _Plan(b, d, n, max(_next_pow2(n), 2), rank, max(_next_pow2(rank or 1), 2), groups, block,
+               num_warps, D is not None, z is not None, delta_bias is not None, softplus,
+               interpret)
+
+
+def _kernel(*refs, p: _Plan):
+  it = iter(refs)
+  h_ref, u_ref, delta_ref, a_ref, b_ref, c_ref = (next(it) for _ in range(6))
+  d_ref = next(it) if p.has_d else None
+  z_ref = next(it) if p.has_z else None
+  bias_ref = next(it) if p.has_bias else None
+  w_ref = next(it) if p.rank is not None else None
+  y_ref, h_out = next(it), next(it)
+
+  i, j = pl.program_id(0), pl.program_id(1)
+  c0 = j * p.block
+  cols = pl.ds(c0, p.block)
+  cmask = c0 + jnp.arange(p.block) < p.channels
+  nidx = pl.ds(0, p.state_pad)
+  nmask = jnp.arange(p.state_pad) < p.state
+  mask2 = cmask[:, None] & nmask[None, :]
+  group = c0 // (p.channels // p.groups)
+
+  def vec(ref, *lead):
+    return plgpu.load(ref.at[(*lead, cols)], mask=cmask, other=0.0).astype(jnp.float32)
+
+  u = vec(u_ref, i)
+  if p.rank is None:
+    dt = vec(delta_ref, i)
+  else:  # Δ = delta @ delta_proj for this program's columns, float32
+    ridx = pl.ds(0, p.rank_pad)
+    rmask = jnp.arange(p.rank_pad) < p.rank
+    low = plgpu.load(delta_ref.at[i, ridx], mask=rmask, other=0.0).astype(jnp.float32)
+    w = plgpu.load(w_ref.at[ridx, cols], mask=rmask[:, None] & cmask[None, :],
+                   other=0.0).astype(jnp.float32)
+    dt = jnp.sum(low[:, None] * w, axis=0)
+  if p.has_bias:
+    dt = dt + vec(bias_ref)
+  if p.softplus:
+    dt = jnp.where(dt > 20.0, dt, jnp.log1p(jnp.exp(jnp.minimum(dt, 20.0))))
+
+  h = plgpu.load(h_ref.at[i, cols, nidx], mask=mask2, other=0.0)
+  a = plgpu.load(a_ref.at[cols, nidx], mask=mask2, other=0.0)
+  bv = plgpu.load(b_ref.at[i, group, nidx], mask=nmask, other=0.0).astype(jnp.float32)
+  cv = plgpu.load(c_ref.at[i, group, nidx], mask=nmask, other=0.0).astype(jnp.float32)
+  h = jnp.exp(dt[:, None] * a) * h + (dt * u)[:, None] * bv[None, :]
+  y = jnp.sum(h * cv[None, :], axis=1)
+  if p.has_d:
+    y = y + vec(d_ref) * u
+  if p.has_z:
+    zv = vec(z_ref, i)
+    y = y * zv / (1.0 + jnp.exp(-zv))
+  plgpu.store(y_ref.at[i, cols], y.astype(y_ref.dtype), mask=cmask)
+  plgpu.store(h_out.at[i, cols, nidx], h, mask=mask2)
+
+
+def unsupported_reason(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_proj=None):
+  """Why the step kernel cannot take these (already checked) inputs, or None if it can."""
+  if jnp.issubdtype(A.dtype, jnp.complexfloating) or jnp.issubdtype(state.dtype,
+                                                                     jnp.complexfloating):
+    return "complex A or state is not supported by the step kernel"
+  for name, x in (("state", state), ("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C),
+                  ("D", D), ("z", z), ("delta_bias", delta_bias), ("delta_proj", delta_proj)):
+    if x is not None and jnp.dtype(x.dtype) not in map(jnp.dtype, _SUPPORTED_DTYPES):
+      return f"{name} has dtype {x.dtype}; the step kernel takes float32, bfloat16 or float16"
+  if A.shape[1] > MAX_STATE:
+    return f"state size {A.shape[1]} exceeds the step kernel's maximum of {MAX_STATE}"
+  return None
+
+
+def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_proj=None, *, delta_softplus: bool = False,
+                           interpret: bool = False, config: StepConfig | None = None):
+  """One fused step on checked inputs (see :func:`ssmax.scan.selective_state_update`).
+
+  Args:
+    state: ``(batch, channels, state)`` the state before the step.
+    u: ``(batch, channels)``.
+    delta: ``(batch, channels)``, or ``(batch, rank)`` with ``delta_proj`` ``(rank, channels)``.
+    A: ``(channels, state)`` real.
+    B, C: ``(batch, groups, state)``; groups divide the channels contiguously.
+    D, delta_bias: optional ``(channels,)``; z: optional ``(batch, channels)``.
+    delta_softplus: apply softplus to Δ after the bias.
+    interpret: run in Pallas's interpreter (CPU).
+    config: optional :class:`StepConfig`.
+
+  Returns:
+    ``(y, new_state)``: ``y`` ``(batch, channels)`` in ``u.dtype``, ``new_state`` float32.
+  """
+  p = _make_plan(state, delta, A, B, D, z, delta_bias, delta_proj, delta_softplus, interpret,
+                 config or StepConfig())
+  f32 = lambda x: None if x is None else x.astype(jnp.float32)
+  args = [state.astype(jnp.float32), u, delta, A.astype(jnp.float32), B, C, f32(D), z,
+          f32(delta_bias), delta_proj]
+  args = [x for x in args if x is not None]
+  y, new = pl.pallas_call(
+      functools.partial(_kernel, p=p),
+      out_shape=[jax.ShapeDtypeStruct((p.batch, p.channels), u.dtype),
+                 jax.ShapeDtypeStruct((p.batch, p.channels, p.state), jnp.float32)],
+      grid=(p.batch, pl.cdiv(p.channels, p.block)),
+      input_output_aliases={0: 1},
+      compiler_params=plgpu.CompilerParams(num_warps=p.num_warps, num_stages=1),
+      interpret=interpret,
+      name="selective_state_update",
+  )(*args)
+  return y, new
