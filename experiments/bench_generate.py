@@ -39,20 +39,10 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
+from experiments.lm_sizes import SIZES, VOCAB, vocab_size  # noqa: F401 (VOCAB re-exported)
 from experiments.plotting import markdown_table
 from experiments.transformer import TransformerConfig, TransformerLM
 from ssmax.nn import MambaConfig, MambaLM
-
-VOCAB = 50277  # GPT-NeoX tokenizer, as the released Mamba models; Mamba pads it to 50280
-
-SIZES = {
-    "130m": {"mamba": dict(d_model=768, n_layer=24),
-             "transformer": dict(d_model=768, n_layer=12, n_head=12)},
-    "1.4b": {"mamba": dict(d_model=2048, n_layer=48),
-             "transformer": dict(d_model=2048, n_layer=24, n_head=16)},
-    "tiny": {"mamba": dict(d_model=16, n_layer=2, d_state=4),
-             "transformer": dict(d_model=16, n_layer=2, n_head=2), "vocab_size": 37},
-}
 
 # The official stack on an NVIDIA H100 80GB, 2026-11-22, prompt 2048 + 128 greedy tokens, bf16,
 # whole call timed: mamba_ssm's MambaLMHeadModel.generate (130M, CUDA graphs) and transformers'
@@ -108,10 +98,6 @@ def build(model: str, size: str, dtype, scan_backend: str = "auto", seed: int = 
     raise ValueError(f"model must be 'mamba' or 'transformer'; got {model!r}")
   params = sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
   return module, params
-
-
-def vocab_size(size: str) -> int:
-  return SIZES[size].get("vocab_size", VOCAB)
 
 
 def transformer_generate(model: TransformerLM, prompt: jax.Array, max_new_tokens: int) -> jax.Array:

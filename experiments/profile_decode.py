@@ -1,0 +1,425 @@
+"""Where a Mamba LM's decode step spends its time, and what the fused step kernel changes.
+
+For each size, batch and step backend, a jitted ``lax.scan`` of ``--steps`` greedy decode steps
+(:meth:`ssmax.nn.MambaLM.step`, each token fed back) is timed (median of ``--repeats``), then run
+once more under the JAX profiler. The GPU kernels in the trace are summed by name and sorted into
+matrix products, the fused step kernel, other XLA fusions and copies; the part of the GPU span not
+covered by a kernel is the device idling between launches.
+
+Step backends: ``xla`` runs each layer's SSM step as plain JAX ops (``scan_backend="associative"``,
+which XLA fuses as it sees fit); ``pallas`` runs it as one fused kernel
+(:func:`ssmax.pallas.selective_state_update`: Δ projection, softplus, update, C·h, D and gate).
+
+``--kernel_micro`` also times the SSM step alone at each size's layer shape: the plain JAX step
+and the kernel under a few :class:`ssmax.pallas.StepConfig` blockings. ``--check`` compares the
+kernel with a float64 NumPy step and the two backends' LM logits on the device.
+
+Writes ``--out_dir``/profile_decode.{md,json,png}.
+
+  python -m experiments.profile_decode --sizes=1.4b,130m --batches=1,64     # GPU
+  python -m experiments.profile_decode --tiny                               # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import glob
+import json
+import pathlib
+import re
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from jax import lax
+
+from experiments.lm_sizes import SIZES, vocab_size
+from experiments.plotting import markdown_table
+from ssmax import pallas as ssmax_pallas
+from ssmax import selective_state_update
+from ssmax.nn import MambaConfig, MambaLM, MambaMixer
+
+STEP_BACKENDS = {"xla": "associative", "pallas": "pallas"}
+CATEGORIES = ("matmul", "step kernel", "other fusions", "copies", "idle")
+MICRO_CONFIGS = [(16, 1), (32, 1), (32, 4), (64, 2), (64, 4), (128, 4)]
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("tiny", False, "CPU smoke run: the tiny shape, batch 1 and 3, 4 steps.")
+flags.DEFINE_list("sizes", ["1.4b", "130m"], f"Model sizes, from {sorted(SIZES)}.")
+flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
+flags.DEFINE_list("backends", list(STEP_BACKENDS), "Step backends: xla, pallas.")
+flags.DEFINE_integer("steps", 64, "Decode steps per timed call.")
+flags.DEFINE_integer("repeats", 5, "Timed calls per configuration (the median is reported).")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.")
+flags.DEFINE_integer("top", 8, "Kernels listed per configuration.")
+flags.DEFINE_bool("kernel_micro", True, "Also time the SSM step alone (plain JAX vs kernel).")
+flags.DEFINE_bool("check", True, "Also check the kernel against float64 NumPy and the LM logits.")
+flags.DEFINE_string("out_dir", "runs/profile_decode", "Output directory.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and the timed decode loop.
+
+
+def build(size: str, dtype, seed: int = 0) -> MambaLM:
+  cfg = MambaConfig(vocab_size=vocab_size(size), dtype=dtype, param_dtype=dtype,
+                    **SIZES[size]["mamba"])
+  return MambaLM(cfg, rngs=nnx.Rngs(seed))
+
+
+def set_step_backend(model: MambaLM, backend: str) -> None:
+  """Points every mixer's scan (and step) at ``STEP_BACKENDS[backend]``; parameters unchanged."""
+  for _, m in nnx.iter_modules(model):
+    if isinstance(m, MambaMixer):
+      m.scan_backend = STEP_BACKENDS[backend]
+
+
+def decode_loop(model: MambaLM, steps: int):
+  """A jitted ``(cache, token) -> (cache, token)`` running ``steps`` greedy decode steps."""
+  graphdef, state = nnx.split(model)
+  vocab = model.config.vocab_size
+
+  @jax.jit
+  def run(state, cache, token):
+    m = nnx.merge(graphdef, state)
+
+    def body(carry, _):
+      cache, token = carry
+      logits, cache = m.step(cache, token)
+      return (cache, jnp.argmax(logits[:, :vocab], axis=-1).astype(jnp.int32)), None
+
+    return lax.scan(body, (cache, token), None, length=steps)[0]
+
+  return lambda cache, token: run(state, cache, token)
+
+
+def median_seconds(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # compiles
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# The profiler trace.
+
+
+def device_kernels(fn) -> tuple[list[tuple[str, float, float]], list[str]]:
+  """Runs ``fn()`` under the JAX profiler; returns its GPU kernels ``(name, start_ns, dur_ns)``
+  and the names of the trace's device lines (for the record). Empty off the GPU."""
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    try:
+      jax.block_until_ready(fn())
+    finally:
+      jax.profiler.stop_trace()
+    paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+    if not paths:
+      return [], []
+    data = jax.profiler.ProfileData.from_file(paths[0])
+  kernels, lines = [], []
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      lines.append(f"{plane.name}: {line.name}")
+      if not line.name.startswith("Stream"):  # XLA Modules / XLA Ops lines repeat the kernels
+        continue
+      kernels += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+  return kernels, lines
+
+
+def category(name: str) -> str:
+  lower = name.lower()
+  if "selective_state_update" in lower:
+    return "step kernel"
+  if re.search(r"gemm|gemv|xmma|nvjet|cutlass|cublas|matmul|triton_dot|dot_", lower):
+    return "matmul"
+  if re.search(r"memcpy|memset|copy", lower):
+    return "copies"
+  return "other fusions"
+
+
+def summarize(kernels, steps: int, top: int) -> dict:
+  """Per-step microseconds by category and the ``top`` kernels by time."""
+  if not kernels:
+    return dict(kernels_per_step=None, busy_us=None, span_us=None, categories_us={}, top=[])
+  per_cat = collections.Counter()
+  per_name = collections.defaultdict(lambda: [0, 0.0])
+  for name, _, dur in kernels:
+    per_cat[category(name)] += dur
+    short = re.sub(r"[._]\d+$", "", name)[:80]
+    per_name[short][0] += 1
+    per_name[short][1] += dur
+  start = min(s for _, s, _ in kernels)
+  end = max(s + d for _, s, d in kernels)
+  busy = sum(d for _, _, d in kernels)
+  cats = {c: per_cat[c] / steps / 1e3 for c in CATEGORIES[:-1]}
+  cats["idle"] = max(0.0, (end - start) - busy) / steps / 1e3
+  ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
+  return dict(kernels_per_step=len(kernels) / steps, busy_us=busy / steps / 1e3,
+              span_us=(end - start) / steps / 1e3, categories_us=cats,
+              top=[dict(name=n, per_step=c / steps, us_per_step=t / steps / 1e3)
+                   for n, (c, t) in ranked])
+
+
+# ----------------------------------------------------------------------------------------------
+# The SSM step alone, and checks.
+
+
+def layer_shape(size: str) -> dict:
+  cfg = MambaConfig(vocab_size=vocab_size(size), **SIZES[size]["mamba"])
+  return dict(channels=cfg.expand * cfg.d_model, state=cfg.d_state,
+              rank=-(-cfg.d_model // 16) if cfg.dt_rank == "auto" else cfg.dt_rank)
+
+
+def step_inputs(key, batch, channels, state, rank, dtype):
+  k = jax.random.split(key, 10)
+  return dict(
+      state=jax.random.normal(k[0], (batch, channels, state)),
+      u=jax.random.normal(k[1], (batch, channels), dtype),
+      delta=jax.random.normal(k[2], (batch, rank), dtype),
+      A=-jnp.exp(jax.random.normal(k[3], (channels, state)) * 0.5),
+      B=jax.random.normal(k[4], (batch, state), dtype),
+      C=jax.random.normal(k[5], (batch, state), dtype),
+      D=jax.random.normal(k[6], (channels,)),
+      z=jax.random.normal(k[7], (batch, channels), dtype),
+      delta_bias=jax.random.normal(k[8], (channels,)) * 0.5 - 2.0,
+      delta_proj=(jax.random.normal(k[9], (rank, channels)) * rank**-0.5).astype(dtype))
+
+
+def numpy_step(x) -> tuple[np.ndarray, np.ndarray]:
+  """float64 reference of one step, from the inputs of :func:`step_inputs`."""
+  f = {k: np.asarray(v, np.float64) for k, v in x.items()}
+  dt = np.logaddexp(0.0, f["delta"] @ f["delta_proj"] + f["delta_bias"])
+  h = np.exp(dt[..., None] * f["A"]) * f["state"] + (dt * f["u"])[..., None] * f["B"][:, None]
+  y = (np.sum(h * f["C"][:, None], -1) + f["D"] * f["u"]) * f["z"] / (1 + np.exp(-f["z"]))
+  return y, h
+
+
+def kernel_micro(size: str, batch: int, dtype, iters: int = 200) -> list[dict]:
+  """Microseconds per SSM step at one layer's shape: the plain JAX step and kernel blockings,
+  each in a jitted ``fori_loop`` of ``iters`` steps that carries the state."""
+  x = step_inputs(jax.random.key(1), batch, **layer_shape(size), dtype=dtype)
+  interpret = jax.default_backend() != "gpu"
+
+  def plain(h):
+    return selective_state_update(h, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                  x["delta_bias"], True, delta_proj=x["delta_proj"],
+                                  backend="sequential")
+
+  def kernel(h, config):
+    return ssmax_pallas.selective_state_update(
+        h, x["u"], x["delta"], x["A"], x["B"][:, None], x["C"][:, None], x["D"], x["z"],
+        x["delta_bias"], x["delta_proj"], delta_softplus=True, interpret=interpret,
+        config=config)
+
+  variants = [("xla", plain)] + [
+      (f"pallas block {b} warps {w}",
+       functools.partial(kernel, config=ssmax_pallas.StepConfig(b, w)))
+      for b, w in MICRO_CONFIGS]
+  acc0 = jnp.zeros((batch, x["u"].shape[1]), jnp.float32)
+  rows = []
+  for name, step in variants:
+    @jax.jit
+    def loop(h, acc, step=step):
+      def body(_, carry):
+        h, acc = carry
+        y, h = step(h)
+        return h, acc + y.astype(jnp.float32)  # y feeds the carry: no backend can drop it
+      return lax.fori_loop(0, iters, body, (h, acc))
+
+    seconds = median_seconds(lambda: loop(x["state"], acc0), 5)
+    rows.append(dict(size=size, batch=batch, variant=name, us_per_step=1e6 * seconds / iters))
+  return rows
+
+
+def kernel_checks(sizes, batches=(1, 5)) -> list[dict]:
+  """The kernel and the plain step against float64 NumPy at each size's layer shape."""
+  rows = []
+  for size in sizes:
+    for batch in batches:
+      for dtype in (jnp.float32, jnp.bfloat16):
+        x = step_inputs(jax.random.key(batch), batch, **layer_shape(size), dtype=dtype)
+        want_y, want_h = numpy_step(x)
+        row = dict(size=size, batch=batch, dtype=jnp.dtype(dtype).name)
+        for backend in ("pallas", "sequential"):
+          y, h = selective_state_update(x["state"], x["u"], x["delta"], x["A"], x["B"], x["C"],
+                                        x["D"], x["z"], x["delta_bias"], True,
+                                        delta_proj=x["delta_proj"], backend=backend)
+          row[f"{backend}_y_rel"] = rel_err(y, want_y)
+          row[f"{backend}_state_rel"] = rel_err(h, want_h)
+        rows.append(row)
+  return rows
+
+
+def lm_check(model: MambaLM, size: str, batch: int = 2, steps: int = 8) -> dict:
+  """Logits of ``steps`` decode steps with each step backend, and how far apart they are."""
+  tokens = jax.random.randint(jax.random.key(3), (batch, steps), 0, model.config.vocab_size)
+  logits = {}
+  for backend in STEP_BACKENDS:
+    set_step_backend(model, backend)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, tokens):
+      m = nnx.merge(graphdef, state)
+      body = lambda cache, t: m.step(cache, t)[::-1]
+      return lax.scan(body, m.init_cache(batch), tokens.T)[1]
+
+    logits[backend] = np.asarray(run(state, tokens), np.float32)
+  greedy = {b: l.argmax(-1) for b, l in logits.items()}
+  return dict(size=size, batch=batch, steps=steps,
+              logits_rel=rel_err(logits["pallas"], logits["xla"]),
+              greedy_agree=float(np.mean(greedy["pallas"] == greedy["xla"])))
+
+
+def rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep, tables and plot.
+
+
+def run(*, sizes, batches, backends, steps, repeats, dtype, out_dir, top=8, micro=True,
+        check=True, log=print) -> dict:
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+                jax=jax.__version__, dtype=jnp.dtype(dtype).name, steps=steps, repeats=repeats,
+                rows=[], micro=[], checks=[], lm_checks=[], trace_lines=[])
+  for size in sizes:
+    model = build(size, dtype)
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if check:
+      result["lm_checks"].append(lm_check(model, size))
+      log(f"{size}: LM logits, pallas vs xla step: {result['lm_checks'][-1]}")
+    for batch in batches:
+      cache = model.init_cache(batch)
+      token = jnp.zeros((batch,), jnp.int32)
+      for backend in backends:
+        set_step_backend(model, backend)
+        loop = decode_loop(model, steps)
+        seconds = median_seconds(lambda: loop(cache, token), repeats)
+        kernels, lines = device_kernels(lambda: loop(cache, token))
+        result["trace_lines"] = sorted(set(result["trace_lines"]) | set(lines))
+        row = dict(size=size, params=params, batch=batch, backend=backend,
+                   ms_per_step=1e3 * seconds / steps, **summarize(kernels, steps, top))
+        result["rows"].append(row)
+        log(f"{size:>5} batch {batch:>3} {backend:<6}: {row['ms_per_step']:.3f} ms/step"
+            + (f", {row['kernels_per_step']:.0f} kernels/step" if row["kernels_per_step"] else ""))
+        write(result, out_dir)
+      if micro:
+        result["micro"] += kernel_micro(size, batch, dtype)
+        write(result, out_dir)
+    del model
+  if check:
+    result["checks"] = kernel_checks(sizes)
+  write(result, out_dir)
+  log("\n" + tables(result) + f"\n\nwrote {out_dir}/profile_decode.{{md,json,png}}")
+  return result
+
+
+def write(result, out_dir: pathlib.Path) -> None:
+  (out_dir / "profile_decode.json").write_text(json.dumps(result, indent=1))
+  (out_dir / "profile_decode.md").write_text(tables(result) + "\n")
+  plot(result, out_dir / "profile_decode.png")
+
+
+def tables(result) -> str:
+  f = lambda v, spec=".1f": "—" if v is None else format(v, spec)
+  xla = {(r["size"], r["batch"]): r["ms_per_step"] for r in result["rows"]
+         if r["backend"] == "xla"}
+  parts = [f"Decode steps of the Mamba LM, {result['dtype']}, median of {result['repeats']} "
+           f"calls of {result['steps']} steps, {result['device']}. Microseconds per step; idle "
+           "is the GPU span not covered by a kernel."]
+  body = []
+  for r in result["rows"]:
+    c = r["categories_us"]
+    base = xla.get((r["size"], r["batch"]))
+    body.append([r["size"], r["batch"], r["backend"], f"{r['ms_per_step']:.3f}",
+                 f(r["kernels_per_step"], ".0f"), f(r["busy_us"]), *(f(c.get(k)) for k in
+                                                                      CATEGORIES),
+                 f(base / r["ms_per_step"], ".2f") if base else "—"])
+  parts.append(markdown_table(["size", "batch", "step", "ms/step", "kernels/step", "busy µs",
+                               *(f"{k} µs" for k in CATEGORIES), "× xla"], body))
+  tops = [[f"{r['size']} b{r['batch']} {r['backend']}", t["name"], f"{t['per_step']:.0f}",
+           f"{t['us_per_step']:.1f}"] for r in result["rows"] for t in r["top"]]
+  if tops:
+    parts.append("\nLargest kernels (per decode step):\n\n"
+                 + markdown_table(["configuration", "kernel", "launches", "µs"], tops))
+  if result["micro"]:
+    parts.append("\nThe SSM step alone, one layer's shape (µs per step, fori_loop of 200):\n\n"
+                 + markdown_table(["size", "batch", "variant", "µs/step"],
+                                  [[m["size"], m["batch"], m["variant"], f"{m['us_per_step']:.2f}"]
+                                   for m in result["micro"]]))
+  if result["checks"]:
+    parts.append("\nStep against float64 NumPy (max rel. error):\n\n" + markdown_table(
+        ["size", "batch", "dtype", "pallas y", "pallas state", "plain y", "plain state"],
+        [[c["size"], c["batch"], c["dtype"], *(f"{c[k]:.1e}" for k in (
+            "pallas_y_rel", "pallas_state_rel", "sequential_y_rel", "sequential_state_rel"))]
+         for c in result["checks"]]))
+  if result["lm_checks"]:
+    parts.append("\nLM logits over decode steps, pallas step vs xla step:\n\n" + markdown_table(
+        ["size", "batch", "steps", "max rel. error", "greedy tokens equal"],
+        [[c["size"], c["batch"], c["steps"], f"{c['logits_rel']:.1e}",
+          f"{c['greedy_agree']:.0%}"] for c in result["lm_checks"]]))
+  return "\n".join(parts)
+
+
+def plot(result, path) -> None:
+  """Stacked bars: a decode step's microseconds by kernel category, per configuration."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = result["rows"]
+  labels = [f"{r['size']} b{r['batch']} {r['backend']}" for r in rows]
+  fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+  left = np.zeros(len(rows))
+  traced = any(r["categories_us"] for r in rows)
+  for i, cat in enumerate(CATEGORIES if traced else ()):
+    vals = np.array([r["categories_us"].get(cat, 0.0) for r in rows])
+    ax.barh(labels, vals, left=left, label=cat, color=f"C{i}")
+    left += vals
+  ax.plot([1e3 * r["ms_per_step"] for r in rows], labels, "k|", ms=14, label="wall time")
+  ax.invert_yaxis()
+  ax.set(xlabel="µs per decode step", title=f"Where a decode step goes ({result['device']})")
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  if FLAGS.tiny:
+    kw = dict(sizes=["tiny"], batches=[1, 3], steps=4, repeats=1)
+  else:
+    for s in FLAGS.sizes:
+      if s not in SIZES:
+        raise app.UsageError(f"--sizes must be from {sorted(SIZES)}; got {s!r}")
+    kw = dict(sizes=FLAGS.sizes, batches=[int(b) for b in FLAGS.batches], steps=FLAGS.steps,
+              repeats=FLAGS.repeats)
+  for b in FLAGS.backends:
+    if b not in STEP_BACKENDS:
+      raise app.UsageError(f"--backends must be from {list(STEP_BACKENDS)}; got {b!r}")
+  run(backends=FLAGS.backends, dtype=jnp.dtype(FLAGS.dtype), out_dir=FLAGS.out_dir,
+      top=FLAGS.top, micro=FLAGS.kernel_micro, check=FLAGS.check, **kw)
+
+
+if __name__ == "__main__":
+  app.run(main)
