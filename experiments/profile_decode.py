@@ -9,6 +9,8 @@ covered by a kernel is the device idling between launches.
 Step backends: ``xla`` runs each layer's SSM step as plain JAX ops (``scan_backend="associative"``,
 which XLA fuses as it sees fit); ``pallas`` runs it as one fused kernel
 (:func:`ssmax.pallas.selective_state_update`: Δ projection, softplus, update, C·h, D and gate).
+Either with ``_nopad`` computes batch-1 matrix products as XLA rewrites them (multiply + reduce)
+instead of as two-row products (:mod:`ssmax.nn.dense`).
 
 ``--kernel_micro`` also times the SSM step alone at each size's layer shape: the plain JAX step
 and the kernel under a few :class:`ssmax.pallas.StepConfig` blockings. ``--check`` compares the
@@ -44,6 +46,7 @@ from experiments.plotting import markdown_table
 from ssmax import pallas as ssmax_pallas
 from ssmax import selective_state_update
 from ssmax.nn import MambaConfig, MambaLM, MambaMixer
+from ssmax.nn import dense as dense_lib
 
 STEP_BACKENDS = {"xla": "associative", "pallas": "pallas"}
 CATEGORIES = ("matmul", "step kernel", "other fusions", "copies", "idle")
@@ -53,7 +56,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("tiny", False, "CPU smoke run: the tiny shape, batch 1 and 3, 4 steps.")
 flags.DEFINE_list("sizes", ["1.4b", "130m"], f"Model sizes, from {sorted(SIZES)}.")
 flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
-flags.DEFINE_list("backends", list(STEP_BACKENDS), "Step backends: xla, pallas.")
+flags.DEFINE_list("backends", list(STEP_BACKENDS),
+                  "Step variants: xla, pallas, and either with _nopad (batch-1 matrix products "
+                  "left to XLA's vector-matrix rewrite, see ssmax.nn.dense).")
 flags.DEFINE_integer("steps", 64, "Decode steps per timed call.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per configuration (the median is reported).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.")
@@ -73,8 +78,12 @@ def build(size: str, dtype, seed: int = 0) -> MambaLM:
   return MambaLM(cfg, rngs=nnx.Rngs(seed))
 
 
-def set_step_backend(model: MambaLM, backend: str) -> None:
-  """Points every mixer's scan (and step) at ``STEP_BACKENDS[backend]``; parameters unchanged."""
+def set_step_backend(model: MambaLM, variant: str) -> None:
+  """Points every mixer's scan (and step) at the variant's backend, parameters unchanged; a
+  ``_nopad`` suffix turns off the two-row matrix products of :mod:`ssmax.nn.dense` (until the next
+  call). Takes effect in functions traced afterwards."""
+  backend, _, pad = variant.partition("_")
+  dense_lib.PAD_SINGLE_ROW = pad != "nopad"
   for _, m in nnx.iter_modules(model):
     if isinstance(m, MambaMixer):
       m.scan_backend = STEP_BACKENDS[backend]
@@ -325,6 +334,7 @@ def run(*, sizes, batches, backends, steps, repeats, dtype, out_dir, top=8, micr
         result["micro"] += kernel_micro(size, batch, dtype)
         write(result, out_dir)
     del model
+  dense_lib.PAD_SINGLE_ROW = True
   if check:
     result["checks"] = kernel_checks(sizes)
   write(result, out_dir)
@@ -415,7 +425,7 @@ def main(argv):
     kw = dict(sizes=FLAGS.sizes, batches=[int(b) for b in FLAGS.batches], steps=FLAGS.steps,
               repeats=FLAGS.repeats)
   for b in FLAGS.backends:
-    if b not in STEP_BACKENDS:
+    if b.removesuffix("_nopad") not in STEP_BACKENDS:
       raise app.UsageError(f"--backends must be from {list(STEP_BACKENDS)}; got {b!r}")
   run(backends=FLAGS.backends, dtype=jnp.dtype(FLAGS.dtype), out_dir=FLAGS.out_dir,
       top=FLAGS.top, micro=FLAGS.kernel_micro, check=FLAGS.check, **kw)

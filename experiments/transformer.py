@@ -19,6 +19,7 @@ from flax import nnx
 from jax import lax
 
 from ssmax import _checks
+from ssmax.nn.dense import dense
 
 POSITIONS = ("rotary", "absolute")
 
@@ -144,9 +145,9 @@ class Attention(nnx.Module):
     ``fresh``: the cache is empty and ``start`` is 0, so the chunk attends only to itself."""
     cfg = self.cfg
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, cfg.n_head, cfg.head_dim)
-    k = self.k_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_dim)
-    v = self.v_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_dim)
+    q = dense(self.q_proj, x).reshape(b, t, cfg.n_head, cfg.head_dim)
+    k = dense(self.k_proj, x).reshape(b, t, cfg.kv_heads, cfg.head_dim)
+    v = dense(self.v_proj, x).reshape(b, t, cfg.kv_heads, cfg.head_dim)
     if cfg.positions == "rotary":
       q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
     if cache is None or fresh:
@@ -159,7 +160,7 @@ class Attention(nnx.Module):
         y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
                                          mask=visible[None, None])
       cache = LayerCache(k_all, v_all)
-    return self.o_proj(y.reshape(b, t, cfg.n_head * cfg.head_dim)), cache
+    return dense(self.o_proj, y.reshape(b, t, cfg.n_head * cfg.head_dim)), cache
 
 
 class MLP(nnx.Module):
@@ -170,7 +171,7 @@ class MLP(nnx.Module):
     self.down = _dense(cfg, cfg.ff_width, cfg.d_model, 0.02 / math.sqrt(2 * cfg.n_layer), rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down(jax.nn.gelu(self.up(x)))
+    return dense(self.down, jax.nn.gelu(dense(self.up, x)))
 
 
 class TransformerBlock(nnx.Module):

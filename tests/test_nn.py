@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import fresh_seed
 from ssmax import nn as snn
 
 # ---------------------------------------------------------------------------------------------
@@ -484,3 +485,14 @@ def test_s4_layers_reject_bad_input():
     layer.step(layer.init_state(1), jnp.zeros((3,)))
   with pytest.raises(ValueError, match="dt_min and dt_max"):
     snn.S4Layer(3, dt_min=0.1, dt_max=0.01, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (1, 1, 7), (3, 7), (2, 1, 7)])
+def test_dense_pads_a_single_row_without_changing_it(shape):
+  from ssmax.nn.dense import dense
+
+  layer = nnx.Linear(7, 5, use_bias=True, rngs=nnx.Rngs(fresh_seed()))
+  x = jax.random.normal(jax.random.key(fresh_seed()), shape)
+  got = jax.jit(dense)(layer, x)
+  assert got.shape == shape[:-1] + (5,)
+  np.testing.assert_allclose(got, layer(x), rtol=1e-6, atol=1e-6)

@@ -36,6 +36,7 @@ from flax import nnx
 
 from ssmax import _checks, parallel
 from ssmax.nn import init as inits
+from ssmax.nn.dense import dense
 from ssmax.nn.config import DT_INITS, SSM_KINDS, MambaConfig, check_dt_range, resolve_dt_rank
 from ssmax.nn.s4 import S4D_INITS, S4DLayer
 from ssmax.scan import BACKENDS, selective_scan, selective_state_update
@@ -236,7 +237,7 @@ class MambaMixer(nnx.Module):
     u = jax.nn.silu(u)
     if self.ssm == "selective":
       # Δ's projection is left to the step (the pallas kernel fuses it with the update).
-      x_dbl = self.x_proj(u)
+      x_dbl = dense(self.x_proj, u)
       r, n = self.dt_rank, self.d_state
       y, h = selective_state_update(
           state.ssm, u, x_dbl[:, :r], -jnp.exp(self.A_log[...].astype(jnp.float32)),
@@ -247,7 +248,7 @@ class MambaMixer(nnx.Module):
       y, h = self.s4d.step(state.ssm, u.astype(jnp.float32))
       if z is not None:
         y = y * jax.nn.silu(z.astype(jnp.float32))
-    return self.out_proj(y.astype(self.dtype)), MixerState(conv, h)
+    return dense(self.out_proj, y.astype(self.dtype)), MixerState(conv, h)
 
   # --------------------------------------------------------------------------------------------
 
@@ -265,7 +266,7 @@ class MambaMixer(nnx.Module):
     return state
 
   def _in_proj(self, x):
-    xz = self.in_proj(x)
+    xz = dense(self.in_proj, x)
     if not self.gated:
       return xz, None
     return xz[..., :self.d_inner], xz[..., self.d_inner:]
