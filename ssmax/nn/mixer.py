@@ -214,7 +214,9 @@ class MambaMixer(nnx.Module):
     """Recurrent mode: one token, O(1) in the sequence length.
 
     The SSM part is one :func:`ssmax.selective_state_update` with the mixer's ``scan_backend``:
-    the fused Pallas step kernel on a GPU under ``"auto"``, plain JAX elsewhere.
+    the fused Pallas step kernel with ``"pallas"``, plain JAX otherwise (``"auto"`` included: it
+    was the faster on an H100). At batch 1 the projections run as two-row matrix products
+    (:func:`ssmax.nn.dense.dense`).
 
     Args:
       state: :class:`MixerState` for ``batch`` sequences.
