@@ -113,7 +113,7 @@ def _transformer_generate(graphdef, state, prompt, *, max_new_tokens):
   model = nnx.merge(graphdef, state)
   batch, length = prompt.shape
   cache = model.init_cache(batch, length + max_new_tokens)
-  logits, cache = model(prompt, cache, fresh=True)
+  logits, cache = model(prompt, cache, fresh=True, last_only=True)
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
   def body(carry, _):

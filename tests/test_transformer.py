@@ -87,6 +87,8 @@ def test_cached_decode_equals_full_forward(positions, fresh):
   cache = model.init_cache(2, max_len=25)
   prefix, cache = model(tokens[:, :7], cache, fresh=fresh)  # prefill
   np.testing.assert_allclose(np.asarray(prefix), full[:, :7], rtol=1e-5, atol=1e-5)
+  last, _ = model(tokens[:, :7], model.init_cache(2, max_len=25), fresh=fresh, last_only=True)
+  np.testing.assert_allclose(np.asarray(last), full[:, 6:7], rtol=1e-5, atol=1e-5)
   step = nnx.jit(lambda m, tok, c: m.step(tok, c))
   for t in range(7, 21):
     logits, cache = step(model, tokens[:, t], cache)
