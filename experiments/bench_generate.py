@@ -8,10 +8,10 @@ after warm-up calls that compile it; throughput is ``batch * new_tokens / second
 * Mamba: :meth:`ssmax.nn.MambaLM.generate` (parallel-scan prefill, then a jit-compiled loop of O(1)
   recurrent steps).
 * Transformer: :class:`experiments.transformer.TransformerLM` (rotary, GELU MLP, tied head), whose
-  KV cache is allocated for prompt + new tokens; prefill writes it (causal attention over the prompt
-  alone, with XLA's attention or cuDNN's fused flash attention, ``--attention``), then a jit-compiled loop of
-  one-token steps attends to it. Shapes follow GPT-3/Pythia: 12 layers of width 768 (~124M) and
-  24 layers of width 2048 (~1.3B).
+  KV cache is allocated for prompt + new tokens; prefill writes it (causal attention over the
+  prompt alone, with XLA's attention or cuDNN's fused flash attention, ``--attention``; the head
+  on the last position only), then a jit-compiled loop of one-token steps attends to it. Shapes
+  follow GPT-3/Pythia: 12 layers of width 768 (~124M) and 24 layers of width 2048 (~1.3B).
 
 Writes ``--out_dir``/bench_generate.{md,json,png}: per size a table of milliseconds and new tokens
 per second with the Mamba/Transformer ratio at each batch size, and the official stack's numbers
@@ -65,9 +65,10 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and c
 flags.DEFINE_string("scan_backend", "auto", "Mamba's selective scan backend (prefill).")
 flags.DEFINE_string("out_dir", "runs/bench_generate", "Output directory.")
 flags.DEFINE_float("max_minutes", None, "Start no new configuration after this many minutes.")
-flags.DEFINE_enum("attention", "xla", ["auto", "xla", "cudnn"],
-                  "The Transformer's prefill attention: xla (the H100 tables), cudnn (fused flash "
-                  "attention; not yet run on the GPU), auto: cudnn on a GPU in bf16/fp16, else xla.")
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"],
+                  "The Transformer's prefill attention: xla (materialises the scores), cudnn "
+                  "(fused flash attention, the README's H100 tables), auto: cudnn on a GPU in "
+                  "bf16/fp16, else xla.")
 flags.DEFINE_bool("split_prefill", False,
                   "Also time a call that generates one token (the prefill), and report the "
                   "decode cost per token as (whole - prefill) / (new_tokens - 1).")

@@ -176,9 +176,9 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
     backend: ``"pallas"`` runs the fused step kernel (:mod:`ssmax.pallas.state_update`, one launch
       instead of several small XLA fusions); ``"sequential"``, ``"associative"`` and ``"auto"``
       run the step in plain JAX (for one step the scans are the same thing). ``"auto"`` does not
-      pick the kernel: in an H100 decode-step profile (experiments/profile_decode.py) the kernel
-      was 1-2% slower than XLA's fusions at batch 64 and, with the copies and casts around it,
-      15-18% slower at batch 1, where the step's time goes to the matrix products.
+      pick the kernel: in an H100 decode-step profile (experiments/profile_decode.py) decode
+      steps with the kernel took 1-2% more time than with XLA's fusions at batch 64 and, with
+      the copies and slices around it, 18-21% more at batch 1.
 
   Returns:
     ``(y, new_state)``: ``y`` ``(batch, channels)`` in ``u.dtype`` and the state after the step,

@@ -60,3 +60,20 @@ def test_bench_train_tiny(tmp_path):
   assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-2)
   assert "| sequential | 2 |" in (tmp_path / "bench_train.md").read_text()
 
+
+
+def test_profile_decode_tiny(tmp_path):
+  stdout = _run("experiments.profile_decode", tmp_path, "--backends=xla,xla_nopad,pallas")
+  result = json.loads((tmp_path / "profile_decode.json").read_text())
+  assert [(r["batch"], r["backend"]) for r in result["rows"]] == [
+      (b, v) for b in (1, 3) for v in ("xla", "xla_nopad", "pallas")]
+  for r in result["rows"]:
+    assert r["ms_per_step"] > 0
+  assert {m["variant"] for m in result["micro"]} >= {"xla", "pallas block 64 warps 2"}
+  for c in result["checks"]:  # the step kernel (interpret mode) and plain JAX against float64
+    tol = 1e-5 if c["dtype"] == "float32" else 1e-2
+    assert max(c["pallas_y_rel"], c["sequential_y_rel"]) < tol
+    assert max(c["pallas_state_rel"], c["sequential_state_rel"]) < 1e-5
+  assert result["lm_checks"][0]["greedy_agree"] == 1.0
+  assert (tmp_path / "profile_decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "Step against float64 NumPy" in stdout
