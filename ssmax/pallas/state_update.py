@@ -7,11 +7,12 @@ Semantics are those of :func:`ssmax.scan.selective_state_update` (one step of
     h'  = exp(Δ A) * h + Δ B u
     y   = (C · h' + D u) * SiLU(z)
 
-In a decode step these are a dozen small XLA ops per layer (the Δ projection's matrix product,
-softplus, exp, the update, the sum over states, skip and gate), each its own launch at batch 1.
+Plain JAX leaves these to XLA: the Δ projection's matrix product and a few fusions per layer.
 Here they are one launch: a program owns one batch element and ``block_channels`` channels, loads
 their ``(block_channels, state)`` state tile, the low-rank Δ input and its slice of ``delta_proj``,
-and writes y and the new state over the old one (the state is an aliased input-output).
+and writes y and the new state over the old one (the state is an aliased input-output). In whole
+decode steps on an H100 it was not faster than XLA's fusions (the copies and slices around it add
+launches; experiments/NOTES-scan.md), so ``backend="auto"`` does not pick it.
 
 Not differentiable on its own: :func:`selective_state_update` wraps it in a ``custom_vjp`` whose
 backward differentiates the plain JAX step. Pallas Triton lowering, like :mod:`.fused_scan`.
@@ -37,8 +38,9 @@ class StepConfig:
   Attributes:
     block_channels: channels per program (a power of two), default 64. With several B/C groups
       it is capped so that a program never straddles two groups.
-    num_warps: warps per program, default 2 (the fastest of six blockings timed on an H100 at the
-      130M and 1.4B layer shapes, batch 1 and 64: experiments/profile_decode.py).
+    num_warps: warps per program, default 2. Of six blockings timed on an H100 at the 130M and
+      1.4B layer shapes (experiments/results/profile_decode_h100_run1.md), 64 x 2 was the
+      fastest or within 2 µs of it; 32 channels x 4 warps took 2.3x as long at 1.4B, batch 64.
   """
 
   block_channels: int | None = None
