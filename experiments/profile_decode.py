@@ -13,7 +13,8 @@ Either with ``_nopad`` computes batch-1 matrix products as XLA rewrites them (mu
 instead of as two-row products (:mod:`ssmax.nn.dense`).
 
 ``--kernel_micro`` also times the SSM step alone at each size's layer shape: the plain JAX step
-and the kernel under a few :class:`ssmax.pallas.StepConfig` blockings. ``--check`` compares the
+and the kernel under a few :class:`ssmax.pallas.StepConfig` blockings, each in a ``fori_loop``
+whose per-iteration cost on a GPU (~17 µs on an H100) is part of every number. ``--check`` compares the
 kernel with a float64 NumPy step and the two backends' LM logits on the device.
 
 Writes ``--out_dir``/profile_decode.{md,json,png}.
@@ -371,7 +372,8 @@ def tables(result) -> str:
     parts.append("\nLargest kernels (per decode step):\n\n"
                  + markdown_table(["configuration", "kernel", "launches", "µs"], tops))
   if result["micro"]:
-    parts.append("\nThe SSM step alone, one layer's shape (µs per step, fori_loop of 200):\n\n"
+    parts.append("\nThe SSM step alone, one layer's shape (µs per step in a fori_loop of 200; "
+                 "the loop's own per-iteration cost is included):\n\n"
                  + markdown_table(["size", "batch", "variant", "µs/step"],
                                   [[m["size"], m["batch"], m["variant"], f"{m['us_per_step']:.2f}"]
                                    for m in result["micro"]]))

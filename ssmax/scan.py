@@ -210,27 +210,16 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
     _checks.rank("z", z, 2, "(batch, channels), like u")
   x = check_inputs(u[:, None], full, A, lift(B), lift(C), D, lift(z), delta_bias, delta_softplus,
                    initial_state=state)
-  x = x._replace(delta=delta)
+  args = (state, u, delta, x.A, x.B[:, 0], x.C[:, 0], x.D, z, x.delta_bias, delta_proj)
   if backend != "pallas":
-    use_kernel = False
-  else:
-    from ssmax.pallas import state_update  # the kernels layer; imported only when used
+    return _plain_step(delta_softplus, *args)
+  from ssmax.pallas import state_update  # the kernels layer; imported only when used
 
-    reason = state_update.unsupported_reason(state, u, delta, A, B, C, D, z, delta_bias,
-                                             delta_proj)
-    if reason is not None:
-      raise ValueError(f'backend="pallas" cannot take these inputs: {reason}; use '
-                       'backend="auto" or "sequential"')
-    use_kernel = True
-  args = (state, x.u[:, 0], x.delta, x.A, x.B[:, 0], x.C[:, 0], x.D, _drop_length(x.z), x.delta_bias,
-          delta_proj)
-  if use_kernel:
-    return _kernel_step(x.delta_softplus, *args)
-  return _plain_step(x.delta_softplus, *args)
-
-
-def _drop_length(m):
-  return None if m is None else m[:, 0]
+  reason = state_update.unsupported_reason(state, u, delta, A, B, C, D, z, delta_bias, delta_proj)
+  if reason is not None:
+    raise ValueError(f'backend="pallas" cannot take these inputs: {reason}; use '
+                     'backend="auto" or "sequential"')
+  return _kernel_step(delta_softplus, *args)
 
 
 def _plain_step(softplus, state, u, delta, A, B, C, D, z, delta_bias, delta_proj):
