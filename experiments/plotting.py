@@ -1,4 +1,5 @@
-"""Plots (PNG through matplotlib's Agg backend) and Markdown tables of the synthetic experiments."""
+"""Plots (PNG through matplotlib's Agg backend) and Markdown tables, for the synthetic experiments
+and the benchmarks."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
   return "\n".join(lines)
 
 
+def save(fig, path: str | os.PathLike) -> None:
+  """Writes ``fig`` as a PNG and closes it."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot_accuracy_vs_step(histories: dict[str, list[dict[str, Any]]], path: str | os.PathLike, *,
                           title: str, chance: float | None = None) -> None:
   """Training accuracy (lines) and validation accuracy (dots) against the step, one colour a model.
@@ -39,9 +47,7 @@ def plot_accuracy_vs_step(histories: dict[str, list[dict[str, Any]]], path: str 
   ax.set(xlabel="step", ylabel="accuracy (%)", title=title, ylim=(0, 101))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path)
 
 
 def plot_accuracy_vs_length(results: dict[str, dict[int, float | None]], path: str | os.PathLike, *,
@@ -64,6 +70,4 @@ def plot_accuracy_vs_length(results: dict[str, dict[int, float | None]], path: s
   ax.set(xlabel="test sequence length", ylabel="accuracy (%)", title=title, ylim=(0, 101))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save(fig, path)

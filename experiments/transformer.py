@@ -10,6 +10,7 @@ each sublayer and before the head, and a KV cache (:meth:`TransformerLM.init_cac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -269,3 +270,29 @@ class TransformerLM(nnx.Module):
     _checks.rank("tokens", tokens, 1, "(batch,)")
     logits, cache = self(tokens[:, None], cache)
     return logits[:, 0], cache
+
+
+def generate(model: TransformerLM, prompt: jax.Array, max_new_tokens: int) -> jax.Array:
+  """Greedy continuation with a KV cache sized for prompt + new tokens: ``prompt`` ``(batch,
+  length)`` int -> ``(batch, length + max_new_tokens)`` int32. Prefill over the prompt (the head
+  on its last position only), then a jit-compiled loop of one-token steps."""
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, jnp.asarray(prompt, jnp.int32), max_new_tokens=max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def _generate(graphdef, state, prompt, *, max_new_tokens):
+  model = nnx.merge(graphdef, state)
+  batch, length = prompt.shape
+  cache = model.init_cache(batch, length + max_new_tokens)
+  logits, cache = model(prompt, cache, fresh=True, last_only=True)
+  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+  def body(carry, _):
+    cache, token = carry
+    logits, cache = model.step(token, cache)
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return (cache, token), token
+
+  _, rest = lax.scan(body, (cache, first), None, length=max_new_tokens - 1)
+  return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)

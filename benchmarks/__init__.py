@@ -1,0 +1,14 @@
+"""Benchmarks of ssmax on a device: one shared harness, one script per benchmark.
+
+* :mod:`benchmarks.harness`: timing, peak memory, OOM handling, tables, the results folders and
+  their index.
+* :mod:`benchmarks.lm_sizes`: the LM shapes the generation and training benchmarks share.
+* ``python -m benchmarks.bench_scan``: the selective scan, every backend (and the jla peer kernel).
+* ``python -m benchmarks.bench_train``: training-step throughput and peak memory of the 130M LM.
+* ``python -m benchmarks.bench_generate``: generation, Mamba against a Transformer with a KV cache.
+* ``python -m benchmarks.bench_parallel``: one device against N (sequence and data parallel).
+* ``python -m benchmarks.profile_decode``: where a decode step spends its time.
+
+Results go to ``results/<benchmark>/<date>_<device>/``; ``results/<benchmark>/INDEX.json`` names
+the current run. The kernel's GPU correctness check is ``pytest -m gpu tests/kernels``.
+"""
