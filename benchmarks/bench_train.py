@@ -12,22 +12,21 @@ GPU only), taken in a fresh process per configuration (``--isolate``) so that it
 configuration alone; ``compiled peak`` is XLA's own estimate for the compiled step
 (``memory_analysis()``), available on every platform.
 
-Writes ``--out_dir``/bench_train.{md,json}. A configuration that runs out of memory is reported
+Writes ``results/bench_train/<date>_<device>/bench_train.{md,json,log}`` (see
+:mod:`benchmarks.harness`). A configuration that runs out of memory is reported
 as OOM.
 
-  python -m experiments.bench_train                       # GPU: batch 8 and 16, every backend
-  python -m experiments.bench_train --tiny                # CPU smoke run in seconds
+  python -m benchmarks.bench_train                       # GPU: batch 8 and 16, every backend
+  python -m benchmarks.bench_train --tiny                # CPU smoke run in seconds
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +35,10 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from experiments.plotting import markdown_table
-from ssmax.nn import MambaConfig, MambaLM
-from ssmax.scan import BACKENDS
-
-SIZES = {
-    "130m": dict(d_model=768, n_layer=24, vocab_size=50277),
-    "tiny": dict(d_model=16, n_layer=1, d_state=4, vocab_size=37),
-}
+from benchmarks import harness
+from benchmarks.lm_sizes import SIZES, build, param_count, vocab_size
+from experiments import plotting
+from ssmax import BACKENDS
 
 # The official stack (mamba_ssm, fused CUDA/Triton path) on an NVIDIA H100 80GB, 2026-11-22: 130M,
 # length 2048, bf16 autocast, AdamW, fp32 master weights. batch -> (ms/step, tokens/s, peak GiB).
@@ -64,9 +59,10 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (
 flags.DEFINE_float("learning_rate", 3e-4, "AdamW learning rate.")
 flags.DEFINE_bool("isolate", None, "Run every configuration in its own process, so that the device "
                   "peak is its own; default: on unless --tiny.")
-flags.DEFINE_string("out_dir", "runs/bench_train", "Output directory.")
 flags.DEFINE_float("max_minutes", None, "Start no new configuration after this many minutes.")
-flags.DEFINE_string("child", None, "Internal: run one configuration given as JSON, print its row.")
+flags.DEFINE_string("child", None, "Internal: run one configuration given as JSON, write its row "
+                    "to --out_dir/row.json.")
+harness.define_flags(flags)
 
 
 def train_step_fn(graphdef):
@@ -87,65 +83,48 @@ def train_step_fn(graphdef):
 
 
 def measure(*, size, backend, batch, length, steps, warmup, dtype, learning_rate) -> dict:
-  """Times one configuration in this process; returns its row (status "ok" or "OOM")."""
+  """Times one configuration in this process; returns its row (status "ok", "OOM" or "error")."""
   row = dict(size=size, backend=backend, batch=batch, length=length, dtype=dtype,
              device=str(jax.devices()[0].device_kind), platform=jax.default_backend())
-  try:
-    config = MambaConfig(**SIZES[size], scan_backend=backend, dtype=jnp.dtype(dtype),
-                         param_dtype=jnp.float32)
-    model = MambaLM(config, rngs=nnx.Rngs(0))
+
+  def timed() -> dict:
+    model = build("mamba", size, dtype=jnp.dtype(dtype), param_dtype=jnp.float32,
+                  scan_backend=backend)
     optimizer = nnx.Optimizer(model, optax.adamw(learning_rate), wrt=nnx.Param)
-    row["params"] = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+    params = param_count(model)
     graphdef, state = nnx.split((model, optimizer))
     del model, optimizer
-    tokens = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, config.vocab_size)
-    start = time.perf_counter()
-    compiled = train_step_fn(graphdef).lower(state, tokens).compile()
-    row["compile_s"] = time.perf_counter() - start
-    row["compiled_peak_gib"] = compiled_peak_bytes(compiled) / GIB
-    losses, times = [], []
-    for i in range(warmup + steps):
-      start = time.perf_counter()
-      loss, state = compiled(state, tokens)
-      losses.append(float(loss))  # blocks until the step is done
-      if i >= warmup:
-        times.append(time.perf_counter() - start)
-  except Exception as e:  # a backend may not fit at this batch; report it and go on
-    text = str(e)
-    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
-      raise
-    row.update(status="OOM", ms=None, tokens_per_s=None)
-    row["device_peak_gib"] = device_peak_bytes() / GIB if device_peak_bytes() else None
-    return row
-  if not np.all(np.isfinite(losses)):
-    raise FloatingPointError(f"non-finite loss with backend {backend}: {losses}")
-  seconds = statistics.median(times)
-  peak = device_peak_bytes()
-  row.update(status="ok", ms=1e3 * seconds, tokens_per_s=batch * length / seconds,
-             device_peak_gib=None if peak is None else peak / GIB, first_loss=losses[0],
-             last_loss=losses[-1])
+    tokens = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, vocab_size(size))
+    compiled, compile_s = harness.compile_timed(train_step_fn(graphdef), state, tokens)
+    peak = harness.compiled_peak_bytes(compiled)
+    carry, losses = [state], []
+
+    def step():  # the state is donated: each step takes the previous one's
+      loss, carry[0] = compiled(carry[0], tokens)
+      losses.append(loss)
+      return loss
+
+    seconds = harness.median_seconds(step, repeats=steps, warmup=warmup)
+    losses = [float(l) for l in losses]
+    if not np.all(np.isfinite(losses)):
+      raise FloatingPointError(f"non-finite loss with backend {backend}: {losses}")
+    return dict(params=params, compile_s=compile_s,
+                compiled_peak_gib=None if peak is None else peak / GIB,
+                ms=1e3 * seconds, tokens_per_s=batch * length / seconds,
+                first_loss=losses[0], last_loss=losses[-1])
+
+  row.update(ms=None, tokens_per_s=None)
+  row.update(harness.attempt(timed))
+  peak = harness.device_peak_bytes()
+  row["device_peak_gib"] = None if peak is None else peak / GIB
   return row
-
-
-def compiled_peak_bytes(compiled) -> int:
-  m = compiled.memory_analysis()
-  peak = getattr(m, "peak_memory_in_bytes", 0)
-  if peak:
-    return int(peak)
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
-
-
-def device_peak_bytes() -> int | None:
-  stats = jax.devices()[0].memory_stats()
-  return None if not stats else stats.get("peak_bytes_in_use")
 
 
 def measure_isolated(**kw) -> dict:
   """:func:`measure` in a fresh Python process (its own device allocator and peak)."""
   with tempfile.TemporaryDirectory() as tmp:
     out = pathlib.Path(tmp) / "row.json"
-    cmd = [sys.executable, "-m", "experiments.bench_train", f"--child={json.dumps(kw)}",
+    cmd = [sys.executable, "-m", "benchmarks.bench_train", f"--child={json.dumps(kw)}",
            f"--out_dir={tmp}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode == 0 and out.is_file():
@@ -158,28 +137,24 @@ def measure_isolated(**kw) -> dict:
               stderr_tail=proc.stderr[-4000:])
 
 
-def run(*, size, backends, batches, length, steps, warmup, dtype, learning_rate, isolate, out_dir,
-        max_minutes=None, log=print) -> dict:
-  """Measures every (backend, batch) and returns the JSON dict.
-
-  The Markdown table and JSON in ``out_dir`` are rewritten after every configuration, so a sweep
-  cut short keeps what it measured; after ``max_minutes`` no new configuration starts.
-  """
-  deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+def run(bench: harness.Run, *, size, backends, batches, length, steps, warmup, dtype,
+        learning_rate, isolate, max_minutes=None) -> dict:
+  """Measures every (backend, batch) into ``bench.record`` and returns it; the run's files are
+  rewritten after every configuration."""
+  deadline = harness.Deadline(max_minutes)
   rows = []
+  result = bench.record
   # With isolate, this process never touches the device (JAX would preallocate its memory and
   # starve the children); the device is named by the rows.
-  result = dict(device=None, platform=None, jax=jax.__version__, size=size, length=length,
-                dtype=dtype, steps=steps, isolate=isolate, rows=rows,
+  result.update(device=None, platform=None, size=size, length=length, dtype=dtype, steps=steps,
+                isolate=isolate, rows=rows,
                 anchors={str(b): dict(ms=a[0], tokens_per_s=a[1], peak_gib=a[2])
                          for b, a in ANCHORS.items()})
   for batch in batches:
     for backend in backends:
       kw = dict(size=size, backend=backend, batch=batch, length=length, steps=steps,
                 warmup=warmup, dtype=dtype, learning_rate=learning_rate)
-      if deadline is not None and time.monotonic() > deadline:
+      if deadline.passed():
         row = dict(size=size, backend=backend, batch=batch, length=length, dtype=dtype,
                    status="not run (time budget)", ms=None, tokens_per_s=None)
       else:
@@ -187,14 +162,13 @@ def run(*, size, backends, batches, length, steps, warmup, dtype, learning_rate,
       rows.append(row)
       if result["device"] is None and "device" in row:
         result.update(device=row["device"], platform=row["platform"])
-      (out_dir / "bench_train.json").write_text(json.dumps(result, indent=1))
-      (out_dir / "bench_train.md").write_text(tables(result) + "\n")
-      log(f"{backend:<12} batch {batch:>3}: " + (
+      bench.save(tables(result))
+      bench.log(f"{backend:<12} batch {batch:>3}: " + (
           f"{row['ms']:9.1f} ms {row['tokens_per_s']:10.0f} tok/s (compiled in "
           f"{row['compile_s']:.1f} s)" if row["status"] == "ok" else row["status"]))
-      if row["status"].startswith("error"):
-        log(row["stderr_tail"])
-  log("\n" + tables(result) + f"\n\nwrote {out_dir}/bench_train.{{md,json}}")
+      if row.get("stderr_tail"):
+        bench.log(row["stderr_tail"])
+  bench.log("\n" + tables(result) + f"\n\nwrote {bench.dir}")
   return result
 
 
@@ -212,11 +186,11 @@ def tables(result) -> str:
   params = next((r["params"] for r in result["rows"] if "params" in r), None)
   text = (f"Training step, {result['size']} Mamba LM ({params} parameters), length "
           f"{result['length']}, AdamW, {result['dtype']} compute / float32 parameters, "
-          f"{result['device']}.\n\n" + markdown_table(head, body))
+          f"{result['device']}.\n\n" + plotting.markdown_table(head, body))
   if result["size"] == "130m" and result["length"] == 2048:
     text += ("\n\nOfficial stack (mamba_ssm, fused kernels), same setting, H100:\n\n" +
-             markdown_table(["batch", "ms/step", "tokens/s", "peak GiB"],
-                            [[b, a[0], a[1], a[2]] for b, a in ANCHORS.items()]))
+             plotting.markdown_table(["batch", "ms/step", "tokens/s", "peak GiB"],
+                                     [[b, a[0], a[1], a[2]] for b, a in ANCHORS.items()]))
   return text
 
 
@@ -238,8 +212,12 @@ def main(argv):
   for b in backends:
     if b not in BACKENDS:
       raise app.UsageError(f"--backends must be from {list(BACKENDS)}; got {b!r}")
-  run(backends=backends, dtype=FLAGS.dtype, learning_rate=FLAGS.learning_rate,
-      isolate=isolate, out_dir=FLAGS.out_dir, max_minutes=FLAGS.max_minutes, **kw)
+  device = harness.device_slug_of_child() if isolate else None
+  bench = harness.Run("bench_train", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
+                      tag=FLAGS.tag, current=FLAGS.current, device=device)
+  run(bench, backends=backends, dtype=FLAGS.dtype, learning_rate=FLAGS.learning_rate,
+      isolate=isolate, max_minutes=FLAGS.max_minutes, **kw)
+  bench.finish()
 
 
 if __name__ == "__main__":

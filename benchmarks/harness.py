@@ -25,6 +25,7 @@ import pathlib
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -147,6 +148,14 @@ def device_slug(device: jax.Device | None = None) -> str:
   kind = device.device_kind.lower()
   found = re.search(r"\b([a-z]+\d+[a-z]?)\b", kind.replace("nvidia ", ""))
   return found.group(1) if found else re.sub(r"[^a-z0-9]+", "-", kind).strip("-")
+
+
+def device_slug_of_child() -> str:
+  """:func:`device_slug` asked of a fresh process, for a parent that must leave the device alone
+  (initialising it would preallocate the memory its children measure)."""
+  proc = subprocess.run([sys.executable, "-c", "from benchmarks.harness import device_slug; "
+                         "print(device_slug())"], capture_output=True, text=True, check=True)
+  return proc.stdout.split()[-1]
 
 
 def run_name(date: datetime.date | None = None, device: str | None = None,

@@ -9,18 +9,19 @@ covered by a kernel is the device idling between launches.
 Step backends: ``xla`` runs each layer's SSM step as plain JAX ops (``scan_backend="associative"``,
 which XLA fuses as it sees fit); ``pallas`` runs it as one fused kernel
 (:func:`ssmax.pallas.selective_state_update`: Δ projection, softplus, update, C·h, D and gate).
-Either with ``_nopad`` computes batch-1 matrix products as XLA rewrites them (multiply + reduce)
-instead of as two-row products (:mod:`ssmax.nn.dense`).
+Batch-1 matrix products run as two-row products (:mod:`ssmax.nn.dense`); the decode step without
+them is recorded in ``results/profile_decode/2026-11-23_h100_run2`` (its ``xla_nopad`` rows).
 
 ``--kernel_micro`` also times the SSM step alone at each size's layer shape: the plain JAX step
 and the kernel under a few :class:`ssmax.pallas.StepConfig` blockings, each in a ``fori_loop``
 whose per-iteration cost on a GPU (~17 µs on an H100) is part of every number. ``--check`` compares the
 kernel with a float64 NumPy step and the two backends' LM logits on the device.
 
-Writes ``--out_dir``/profile_decode.{md,json,png}.
+Writes ``results/profile_decode/<date>_<device>/profile_decode.{md,json,png,log}`` (see
+:mod:`benchmarks.harness`).
 
-  python -m experiments.profile_decode --sizes=1.4b,130m --batches=1,64     # GPU
-  python -m experiments.profile_decode --tiny                               # CPU smoke run
+  python -m benchmarks.profile_decode --sizes=1.4b,130m --batches=1,64     # GPU
+  python -m benchmarks.profile_decode --tiny                               # CPU smoke run
 """
 
 from __future__ import annotations
@@ -28,12 +29,8 @@ from __future__ import annotations
 import collections
 import functools
 import glob
-import json
-import pathlib
 import re
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +39,12 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
-from experiments.lm_sizes import SIZES, vocab_size
-from experiments.plotting import markdown_table
+from benchmarks import harness
+from benchmarks.lm_sizes import SIZES, build, mamba_config, param_count
+from experiments import plotting
 from ssmax import pallas as ssmax_pallas
 from ssmax import selective_state_update
-from ssmax.nn import MambaConfig, MambaLM, MambaMixer
-from ssmax.nn import dense as dense_lib
+from ssmax.nn import MambaLM, MambaMixer
 
 STEP_BACKENDS = {"xla": "associative", "pallas": "pallas"}
 CATEGORIES = ("matmul", "step kernel", "other fusions", "copies", "idle")
@@ -57,34 +54,23 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("tiny", False, "CPU smoke run: the tiny shape, batch 1 and 3, 4 steps.")
 flags.DEFINE_list("sizes", ["1.4b", "130m"], f"Model sizes, from {sorted(SIZES)}.")
 flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
-flags.DEFINE_list("backends", list(STEP_BACKENDS),
-                  "Step variants: xla, pallas, and either with _nopad (batch-1 matrix products "
-                  "left to XLA's vector-matrix rewrite, see ssmax.nn.dense).")
+flags.DEFINE_list("backends", list(STEP_BACKENDS), "Step backends: xla, pallas.")
 flags.DEFINE_integer("steps", 64, "Decode steps per timed call.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per configuration (the median is reported).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.")
 flags.DEFINE_integer("top", 8, "Kernels listed per configuration.")
 flags.DEFINE_bool("kernel_micro", True, "Also time the SSM step alone (plain JAX vs kernel).")
 flags.DEFINE_bool("check", True, "Also check the kernel against float64 NumPy and the LM logits.")
-flags.DEFINE_string("out_dir", "runs/profile_decode", "Output directory.")
+harness.define_flags(flags)
 
 
 # ----------------------------------------------------------------------------------------------
 # Models and the timed decode loop.
 
 
-def build(size: str, dtype, seed: int = 0) -> MambaLM:
-  cfg = MambaConfig(vocab_size=vocab_size(size), dtype=dtype, param_dtype=dtype,
-                    **SIZES[size]["mamba"])
-  return MambaLM(cfg, rngs=nnx.Rngs(seed))
-
-
-def set_step_backend(model: MambaLM, variant: str) -> None:
-  """Points every mixer's scan (and step) at the variant's backend, parameters unchanged; a
-  ``_nopad`` suffix turns off the two-row matrix products of :mod:`ssmax.nn.dense` (until the next
-  call). Takes effect in functions traced afterwards."""
-  backend, _, pad = variant.partition("_")
-  dense_lib.PAD_SINGLE_ROW = pad != "nopad"
+def set_step_backend(model: MambaLM, backend: str) -> None:
+  """Points every mixer's scan (and step) at ``backend``'s scan backend, parameters unchanged.
+  Takes effect in functions traced afterwards."""
   for _, m in nnx.iter_modules(model):
     if isinstance(m, MambaMixer):
       m.scan_backend = STEP_BACKENDS[backend]
@@ -107,17 +93,6 @@ def decode_loop(model: MambaLM, steps: int):
     return lax.scan(body, (cache, token), None, length=steps)[0]
 
   return lambda cache, token: run(state, cache, token)
-
-
-def median_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compiles
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +163,7 @@ def summarize(kernels, steps: int, top: int) -> dict:
 
 
 def layer_shape(size: str) -> dict:
-  cfg = MambaConfig(vocab_size=vocab_size(size), **SIZES[size]["mamba"])
+  cfg = mamba_config(size)
   return dict(channels=cfg.expand * cfg.d_model, state=cfg.d_state,
               rank=-(-cfg.d_model // 16) if cfg.dt_rank == "auto" else cfg.dt_rank)
 
@@ -249,7 +224,7 @@ def kernel_micro(size: str, batch: int, dtype, iters: int = 200) -> list[dict]:
         return h, acc + y.astype(jnp.float32)  # y feeds the carry: no backend can drop it
       return lax.fori_loop(0, iters, body, (h, acc))
 
-    seconds = median_seconds(lambda: loop(x["state"], acc0), 5)
+    seconds = harness.median_seconds(lambda: loop(x["state"], acc0), repeats=5)
     rows.append(dict(size=size, batch=batch, variant=name, us_per_step=1e6 * seconds / iters))
   return rows
 
@@ -303,16 +278,18 @@ def rel_err(got, want) -> float:
 # The sweep, tables and plot.
 
 
-def run(*, sizes, batches, backends, steps, repeats, dtype, out_dir, top=8, micro=True,
-        check=True, log=print) -> dict:
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-                jax=jax.__version__, dtype=jnp.dtype(dtype).name, steps=steps, repeats=repeats,
+def run(bench: harness.Run, *, sizes, batches, backends, steps, repeats, dtype, top=8,
+        micro=True, check=True) -> dict:
+  """Profiles every (size, batch, backend) into ``bench.record`` and returns it; the run's files
+  are rewritten after every configuration."""
+  log = bench.log
+  result = bench.record
+  result.update(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+                dtype=jnp.dtype(dtype).name, steps=steps, repeats=repeats,
                 rows=[], micro=[], checks=[], lm_checks=[], trace_lines=[])
   for size in sizes:
-    model = build(size, dtype)
-    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    model = build("mamba", size, dtype=dtype)
+    params = param_count(model)
     if check:
       result["lm_checks"].append(lm_check(model, size))
       log(f"{size}: LM logits, pallas vs xla step: {result['lm_checks'][-1]}")
@@ -322,7 +299,7 @@ def run(*, sizes, batches, backends, steps, repeats, dtype, out_dir, top=8, micr
       for backend in backends:
         set_step_backend(model, backend)
         loop = decode_loop(model, steps)
-        seconds = median_seconds(lambda: loop(cache, token), repeats)
+        seconds = harness.median_seconds(lambda: loop(cache, token), repeats=repeats)
         kernels, lines = device_kernels(lambda: loop(cache, token))
         result["trace_lines"] = sorted(set(result["trace_lines"]) | set(lines))
         row = dict(size=size, params=params, batch=batch, backend=backend,
@@ -330,23 +307,16 @@ def run(*, sizes, batches, backends, steps, repeats, dtype, out_dir, top=8, micr
         result["rows"].append(row)
         log(f"{size:>5} batch {batch:>3} {backend:<6}: {row['ms_per_step']:.3f} ms/step"
             + (f", {row['kernels_per_step']:.0f} kernels/step" if row["kernels_per_step"] else ""))
-        write(result, out_dir)
+        bench.save(tables(result), plot)
       if micro:
         result["micro"] += kernel_micro(size, batch, dtype)
-        write(result, out_dir)
+        bench.save(tables(result), plot)
     del model
-  dense_lib.PAD_SINGLE_ROW = True
   if check:
     result["checks"] = kernel_checks(sizes)
-  write(result, out_dir)
-  log("\n" + tables(result) + f"\n\nwrote {out_dir}/profile_decode.{{md,json,png}}")
+  bench.save(tables(result), plot)
+  log("\n" + tables(result) + f"\n\nwrote {bench.dir}")
   return result
-
-
-def write(result, out_dir: pathlib.Path) -> None:
-  (out_dir / "profile_decode.json").write_text(json.dumps(result, indent=1))
-  (out_dir / "profile_decode.md").write_text(tables(result) + "\n")
-  plot(result, out_dir / "profile_decode.png")
 
 
 def tables(result) -> str:
@@ -364,27 +334,27 @@ def tables(result) -> str:
                  f(r["kernels_per_step"], ".0f"), f(r["busy_us"]), *(f(c.get(k)) for k in
                                                                       CATEGORIES),
                  f(base / r["ms_per_step"], ".2f") if base else "—"])
-  parts.append(markdown_table(["size", "batch", "step", "ms/step", "kernels/step", "busy µs",
+  parts.append(plotting.markdown_table(["size", "batch", "step", "ms/step", "kernels/step", "busy µs",
                                *(f"{k} µs" for k in CATEGORIES), "× xla"], body))
   tops = [[f"{r['size']} b{r['batch']} {r['backend']}", t["name"], f"{t['per_step']:.0f}",
            f"{t['us_per_step']:.1f}"] for r in result["rows"] for t in r["top"]]
   if tops:
     parts.append("\nLargest kernels (per decode step):\n\n"
-                 + markdown_table(["configuration", "kernel", "launches", "µs"], tops))
+                 + plotting.markdown_table(["configuration", "kernel", "launches", "µs"], tops))
   if result["micro"]:
     parts.append("\nThe SSM step alone, one layer's shape (µs per step in a fori_loop of 200; "
                  "the loop's own per-iteration cost is included):\n\n"
-                 + markdown_table(["size", "batch", "variant", "µs/step"],
+                 + plotting.markdown_table(["size", "batch", "variant", "µs/step"],
                                   [[m["size"], m["batch"], m["variant"], f"{m['us_per_step']:.2f}"]
                                    for m in result["micro"]]))
   if result["checks"]:
-    parts.append("\nStep against float64 NumPy (max rel. error):\n\n" + markdown_table(
+    parts.append("\nStep against float64 NumPy (max rel. error):\n\n" + plotting.markdown_table(
         ["size", "batch", "dtype", "pallas y", "pallas state", "plain y", "plain state"],
         [[c["size"], c["batch"], c["dtype"], *(f"{c[k]:.1e}" for k in (
             "pallas_y_rel", "pallas_state_rel", "sequential_y_rel", "sequential_state_rel"))]
          for c in result["checks"]]))
   if result["lm_checks"]:
-    parts.append("\nLM logits over decode steps, pallas step vs xla step:\n\n" + markdown_table(
+    parts.append("\nLM logits over decode steps, pallas step vs xla step:\n\n" + plotting.markdown_table(
         ["size", "batch", "steps", "max rel. error", "greedy tokens equal"],
         [[c["size"], c["batch"], c["steps"], f"{c['logits_rel']:.1e}",
           f"{c['greedy_agree']:.0%}"] for c in result["lm_checks"]]))
@@ -393,14 +363,9 @@ def tables(result) -> str:
 
 def plot(result, path) -> None:
   """Stacked bars: a decode step's microseconds by kernel category, per configuration."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   rows = result["rows"]
   labels = [f"{r['size']} b{r['batch']} {r['backend']}" for r in rows]
-  fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+  fig, ax = plotting.plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
   left = np.zeros(len(rows))
   traced = any(r["categories_us"] for r in rows)
   for i, cat in enumerate(CATEGORIES if traced else ()):
@@ -411,9 +376,7 @@ def plot(result, path) -> None:
   ax.invert_yaxis()
   ax.set(xlabel="µs per decode step", title=f"Where a decode step goes ({result['device']})")
   ax.legend(fontsize=8, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plotting.save(fig, path)
 
 
 def main(argv):
@@ -427,10 +390,13 @@ def main(argv):
     kw = dict(sizes=FLAGS.sizes, batches=[int(b) for b in FLAGS.batches], steps=FLAGS.steps,
               repeats=FLAGS.repeats)
   for b in FLAGS.backends:
-    if b.removesuffix("_nopad") not in STEP_BACKENDS:
+    if b not in STEP_BACKENDS:
       raise app.UsageError(f"--backends must be from {list(STEP_BACKENDS)}; got {b!r}")
-  run(backends=FLAGS.backends, dtype=jnp.dtype(FLAGS.dtype), out_dir=FLAGS.out_dir,
-      top=FLAGS.top, micro=FLAGS.kernel_micro, check=FLAGS.check, **kw)
+  bench = harness.Run("profile_decode", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
+                      tag=FLAGS.tag, current=FLAGS.current)
+  run(bench, backends=FLAGS.backends, dtype=jnp.dtype(FLAGS.dtype), top=FLAGS.top,
+      micro=FLAGS.kernel_micro, check=FLAGS.check, **kw)
+  bench.finish()
 
 
 if __name__ == "__main__":
