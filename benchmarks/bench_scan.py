@@ -5,182 +5,58 @@ shapes of Mamba-130m and Mamba-1.4b training and a 32k-token sequence, all with 
 D skip, Δ bias and softplus. Reports the median time of many runs after warm-up, the peak device
 memory of the compiled call (XLA's memory analysis: arguments + outputs + temporaries), and the
 achieved bandwidth over the fewest bytes the call must move, against a measured device copy.
-Before timing it checks, on the GPU, that the fused kernel agrees with ``lax.associative_scan``
-(fp32 and bf16, outputs and every gradient) at small odd shapes and at the benchmark shapes, and
-that two backward passes give bit-identical gradients.
+The kernel's GPU correctness check is a test: ``pytest -m gpu tests/kernels/test_scan_gpu.py``.
 
 Usage::
 
-  python experiments/bench_scan.py --out=experiments/results/bench_scan_h100.json
+  python -m benchmarks.bench_scan --backends=pallas,associative,sequential
 
 ``--backends=...,jla`` also times the Mosaic GPU Mamba-1 kernel of the ``jax-linear-attention``
 package side by side, if it is installed (a comparison only, never a dependency of ssmax), and
 records how far its output is from ssmax's.
 
-``--variants`` additionally times blockings of the fused kernel through ``ssmax.pallas`` directly,
-e.g. ``--variants='c8:chunk=8;c16:chunk=16,bwd_num_warps=8'``.
+``--configs`` additionally times blockings of the fused kernel through ``ssmax.pallas`` directly:
+each ``name:key=value,...`` goes to ``ssmax.pallas.Config(key=value, ...)`` as given, e.g.
+``--configs='c8:chunk=8;c16:chunk=16,bwd_num_warps=8'``.
+
+Writes ``results/bench_scan/<date>_<device>/bench_scan.{json,md,log}`` (see :mod:`benchmarks.harness`).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import statistics
-import time
-
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
+from absl import app, flags
 
-import ssmax.scan as scan_lib
-from ssmax import pallas as ssmax_pallas
-
-SHAPES = {  # (batch, length, d_inner, d_state)
-    "130m-train": (8, 2048, 1536, 16),
-    "1.4b-train": (4, 2048, 4096, 16),
-    "long-32k": (1, 32768, 2048, 16),
-}
-# Official CUDA kernel on an H100 (../shared/anchors/official_cuda_h100.json), milliseconds.
-OFFICIAL_MS = {"130m-train": (0.452, 2.279), "1.4b-train": (0.595, 3.041),
-               "long-32k": (1.506, 7.261)}
+import ssmax
+from benchmarks import harness
+from benchmarks.scan_inputs import OFFICIAL_MS, SHAPES, make_inputs, split
+from experiments import plotting
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("shapes", list(SHAPES), "Shapes to time.")
-flags.DEFINE_list("backends", ["pallas", "associative", "sequential"], "Backends to time.")
+flags.DEFINE_bool("tiny", False, "CPU smoke run: the tiny shape, 2 measurements of 1 call.")
+flags.DEFINE_list("shapes", [s for s in SHAPES if s != "tiny"], f"Shapes to time, from "
+                  f"{list(SHAPES)}.")
+flags.DEFINE_list("backends", ["pallas", "associative", "sequential"],
+                  "Backends to time: ssmax's, and jla (the peer kernel, if installed).")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd.")
 flags.DEFINE_integer("iters", 30, "Timed measurements per cell (median reported).")
 flags.DEFINE_integer("inner", 5, "Calls enqueued per measurement (the time is divided by it).")
 flags.DEFINE_integer("slow_iters", 3, "Measurements for the sequential backend.")
-flags.DEFINE_bool("check", True, "Run the GPU correctness pass first.")
-flags.DEFINE_list("check_shapes", list(SHAPES), "Benchmark shapes included in the check.")
-flags.DEFINE_integer("small_cases", 6, "How many of the small odd check cases to run.")
-flags.DEFINE_list("check_dtypes", ["float32", "bfloat16"], "Dtypes of the check.")
 flags.DEFINE_float("budget_s", 2.0, "Rough time budget for timing one cell.")
-flags.DEFINE_string("variants", "", "';'-separated name:key=val,... kernel configs to time too.")
-flags.DEFINE_list("variant_shapes", [], "Shapes for --variants (default: --shapes).")
-flags.DEFINE_list("variant_modes", [], "Modes for --variants (default: --modes).")
-flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.DEFINE_string("configs", "", "';'-separated name:key=value,... of ssmax.pallas.Config to "
+                    "time too.")
+flags.DEFINE_list("config_shapes", [], "Shapes for --configs (default: --shapes).")
+flags.DEFINE_list("config_modes", [], "Modes for --configs (default: --modes).")
+harness.define_flags(flags)
 
 
-def make_inputs(key, b, l, d, n, dtype, groups=None, with_state=False):
-  """Mamba-like inputs: Δ around softplus^-1 of [1e-3, 1e-1], S4D-real A."""
-  ks = jax.random.split(key, 9)
-  bc = (b, l, n) if groups is None else (b, l, groups, n)
-  dt = jnp.exp(jax.random.uniform(ks[0], (d,)) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-  kw = dict(
-      u=jax.random.normal(ks[1], (b, l, d), dtype),
-      delta=(0.5 * jax.random.normal(ks[2], (b, l, d))).astype(dtype),
-      A=-jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d, n)),
-      B=jax.random.normal(ks[3], bc, dtype),
-      C=jax.random.normal(ks[4], bc, dtype),
-      D=jnp.ones((d,), jnp.float32),
-      z=jax.random.normal(ks[5], (b, l, d), dtype),
-      delta_bias=(dt + jnp.log(-jnp.expm1(-dt))).astype(jnp.float32),
-      delta_softplus=True,
-  )
-  if with_state:
-    kw["initial_state"] = jax.random.normal(ks[6], (b, d, n), jnp.float32)
-  return kw
-
-
-DIFF_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-
-
-def rel(a, b):
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def check_case(name, kw, results, tol):
-  """Pallas vs associative: y, last state, all gradients; determinism of the backward."""
-  names = [k for k in DIFF_ARGS if k in kw]
-  args = [kw[k] for k in names]
-  static = {k: v for k, v in kw.items() if k not in names}
-  outs = {}
-  b, _, d = kw["u"].shape
-  wy = jax.random.normal(jax.random.PRNGKey(7), kw["u"].shape, jnp.float32).astype(kw["u"].dtype)
-  wl = jax.random.normal(jax.random.PRNGKey(8), (b, d, kw["A"].shape[1]), jnp.float32)
-  for backend in ("pallas", "associative"):
-    def run(*a, backend=backend):
-      return scan_lib.selective_scan(**dict(zip(names, a)), **static, return_last_state=True,
-                                     backend=backend)
-
-    def fwd_bwd(*a, run=run):  # one compile: outputs and every gradient (last state's too)
-      (y, last), vjp = jax.vjp(run, *a)
-      return y, last, vjp((wy, wl))
-
-    g = jax.jit(fwd_bwd)
-    y, last, grads = g(*args)
-    outs[backend] = (y, last, grads, g)
-  yp, lp, gp, gfun = outs["pallas"]
-  ya, la, ga, _ = outs["associative"]
-  errs = {"y": rel(yp, ya), "last_state": rel(lp, la)}
-  for k, a, b in zip(names, gp, ga):
-    errs["d" + k] = rel(a, b)
-  again = gfun(*args)[2]
-  identical = all(bool(jnp.array_equal(a, b)) for a, b in zip(gp, again))
-  worst = max(errs.values())
-  ok = worst < tol and identical and all(np.isfinite(v) for v in errs.values())
-  results.append(dict(case=name, errors=errs, worst=worst, tol=tol, bit_identical=identical, ok=ok))
-  print(f"check {name:38s} worst rel err {worst:.2e} (tol {tol:.0e}) "
-        f"bwd bit-identical {identical} -> {'OK' if ok else 'FAIL'}", flush=True)
-  return ok
-
-
-def correctness_pass(shapes):
-  results = []
-  key = jax.random.PRNGKey(0)
-  small = [  # (b, l, d, n, groups, with_state)
-      (2, 37, 5, 3, None, True), (1, 300, 6, 16, 3, True), (3, 129, 40, 7, 2, False),
-      (2, 1000, 64, 16, None, True), (2, 65, 96, 1, 4, True), (1, 17, 33, 256, None, True)]
-  tols = {"float32": 2e-4, "bfloat16": 2e-2}
-  cases = [(f"{(b, l, d, n)} g={g} h0={st}", (b, l, d, n), g, st, i)
-           for i, (b, l, d, n, g, st) in enumerate(small[:FLAGS.small_cases])]
-  cases += [(s, SHAPES[s], None, False, 99) for s in shapes]
-  for name, (b, l, d, n), g, st, seed in cases:
-    for dname in FLAGS.check_dtypes:
-      dtype = jnp.dtype(dname)
-      # Long sums in fp32 differ by more than 2e-4 between two fp32 algorithms.
-      tol = tols[dname] if seed != 99 or dname != "float32" else 1e-3
-      kw = make_inputs(jax.random.fold_in(key, seed), b, l, d, n, dtype, groups=g, with_state=st)
-      try:
-        check_case(f"{name} {dname}", kw, results, tol)
-      except Exception as e:  # a kernel that fails to compile is a failed check, not a crash
-        msg = f"{type(e).__name__}: {e}"[:2000]
-        results.append(dict(case=f"{name} {dname}", ok=False, error=msg))
-        print(f"check {name} {dname} -> ERROR {msg}", flush=True)
-  return results
-
-
-def copy_bandwidth():
-  x = jnp.ones((1 << 29,), jnp.bfloat16)  # 1 GiB
+def copy_bandwidth(elements: int = 1 << 29) -> float:
+  """GB/s of a bf16 read + write on the device (default 1 GiB)."""
+  x = jnp.ones((elements,), jnp.bfloat16)
   f = jax.jit(lambda a: a * 1.0001)
-  t = time_fn(lambda: f(x), iters=20, inner=5)
-  return 2 * x.nbytes / (t * 1e-3) / 1e9
-
-
-def time_fn(call, iters, inner, budget_s=None):
-  """Median over `iters` of (time of `inner` back-to-back calls) / inner, in ms."""
-  t0 = time.perf_counter()
-  jax.block_until_ready(call())
-  one = time.perf_counter() - t0
-  for _ in range(2):
-    jax.block_until_ready(call())
-  if budget_s is not None:  # fewer runs for slow cells
-    inner = max(1, min(inner, int(budget_s / 10 / max(one, 1e-6))))
-    iters = max(3, min(iters, int(budget_s / (inner * max(one, 1e-6)))))
-  samples = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(inner):
-      out = call()
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / inner * 1e3)
-  return statistics.median(samples)
+  s = harness.median_seconds(lambda: f(x), repeats=20, inner=5, warmup=3)
+  return 2 * x.nbytes / s / 1e9
 
 
 def min_bytes(b, l, d, n, mode):
@@ -192,10 +68,9 @@ def min_bytes(b, l, d, n, mode):
   return fwd if mode == "fwd" else fwd + bwd
 
 
-def build_call(backend, kw, mode, config=None):
-  names = [k for k in DIFF_ARGS if k in kw]
-  args = [kw[k] for k in names]
-  static = {k: v for k, v in kw.items() if k not in names}
+def scan_fn(backend, names, static, config=None):
+  """``(*arrays) -> y`` through ``backend``: ssmax's public call, the pallas kernel with ``config``,
+  or jla's kernel."""
   if backend == "jla":
     from jla.ops.mosaic_gpu.mamba1 import mamba1  # the peer kernel; its C, B, u order
 
@@ -206,122 +81,127 @@ def build_call(backend, kw, mode, config=None):
       return y
   elif config is None:
     def run(*a):
-      return scan_lib.selective_scan(**dict(zip(names, a)), **static, backend=backend)
+      return ssmax.selective_scan(**dict(zip(names, a)), **static, backend=backend)
   else:
     def run(*a):
-      x = scan_lib.check_inputs(**dict(zip(names, a)), **static)
-      y, _ = ssmax_pallas.selective_scan(
-          x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias, x.initial_state,
-          delta_softplus=x.delta_softplus, interpret=False, config=config)
+      x = dict(zip(names, a))
+      groups = lambda m: m[:, :, None] if m.ndim == 3 else m  # the kernel's (b, l, g, n)
+      y, _ = ssmax.pallas.selective_scan(
+          x["u"], x["delta"], x["A"], groups(x["B"]), groups(x["C"]), x.get("D"), x.get("z"),
+          x.get("delta_bias"), x.get("initial_state"), delta_softplus=static["delta_softplus"],
+          config=config, interpret=jax.default_backend() != "gpu")
       return y
+  return run
+
+
+def build_call(backend, kw, mode, config=None):
+  """The compiled call: ``(call, peak bytes, compile seconds)``."""
+  names, args, static = split(kw)
+  run = scan_fn(backend, names, static, config)
   if mode == "fwd":
     fn = jax.jit(run)
   else:
     dy = jax.random.normal(jax.random.PRNGKey(3), kw["u"].shape, kw["u"].dtype)
-
-    def fb(*a):
-      y, vjp = jax.vjp(run, *a)
-      return vjp(dy)
-
-    fn = jax.jit(fb)
-  t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  peak = None
-  if mem is not None:
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes)
-  return (lambda: compiled(*args)), peak, compile_s
+    fn = jax.jit(lambda *a: jax.vjp(run, *a)[1](dy))
+  compiled, compile_s = harness.compile_timed(fn, *args)
+  return (lambda: compiled(*args)), harness.compiled_peak_bytes(compiled), compile_s
 
 
-def parse_variants(spec):
+def parse_value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_configs(spec: str) -> list[tuple[str, dict]]:
+  """``"c8:chunk=8;w4:bwd_num_warps=4"`` -> ``[("c8", {"chunk": 8}), ("w4", {...})]``."""
   out = []
   for item in filter(None, (s.strip() for s in spec.split(";"))):
     name, _, body = item.partition(":")
     kv = {}
     for pair in filter(None, body.split(",")):
-      k, v = pair.split("=")
-      kv[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else v.strip()
-    out.append((name, ssmax_pallas.Config(**kv)))
+      k, _, v = pair.partition("=")
+      kv[k.strip()] = parse_value(v.strip())
+    out.append((name.strip(), kv))
+  return out
+
+
+def measure(shape, backend, mode, kw, config=None) -> dict:
+  b, l, d, n = SHAPES[shape]
+  call, peak, compile_s = build_call(backend, kw, mode, config)
+  slow = backend == "sequential"
+  seconds = harness.median_seconds(call, repeats=FLAGS.slow_iters if slow else FLAGS.iters,
+                                   inner=1 if slow else FLAGS.inner, budget_s=FLAGS.budget_s,
+                                   warmup=3)
+  out = dict(ms=1e3 * seconds, peak_GiB=None if peak is None else peak / 2**30,
+             GBps=min_bytes(b, l, d, n, mode) / seconds / 1e9, compile_s=compile_s)
+  if backend == "jla" and mode == "fwd":  # same semantics as ours?
+    out["agree"] = harness.rel_err(call(), build_call("pallas", kw, "fwd")[0]())
   return out
 
 
 def main(argv):
   del argv
   dev = jax.devices()[0]
-  print("device:", dev.device_kind, "| jax", jax.__version__, flush=True)
-  report = {"device": dev.device_kind, "jax": jax.__version__, "shapes": SHAPES,
-            "official_ms": OFFICIAL_MS}
-  bw = copy_bandwidth()
-  report["copy_GBps"] = bw
-  print(f"copy bandwidth {bw:.0f} GB/s (read + write)", flush=True)
-  rows = []
-  cells = [(s, be, None, None) for s in FLAGS.shapes for be in FLAGS.backends]
-  for vname, cfg in parse_variants(FLAGS.variants):
-    for s in (FLAGS.variant_shapes or FLAGS.shapes):
-      cells.append((s, "pallas", vname, cfg))
-  for shape, backend, vname, cfg in cells:
-    b, l, d, n = SHAPES[shape]
-    kw = make_inputs(jax.random.PRNGKey(1), b, l, d, n, jnp.bfloat16)
-    modes = FLAGS.modes if vname is None else (FLAGS.variant_modes or FLAGS.modes)
+  bench = harness.Run("bench_scan", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
+                      tag=FLAGS.tag, current=FLAGS.current,
+                      meta=dict(device=dev.device_kind, shapes=SHAPES, official_ms=OFFICIAL_MS))
+  report = bench.record
+  bench.log(f"device: {dev.device_kind} | jax {jax.__version__}")
+  if FLAGS.tiny:
+    FLAGS.shapes, FLAGS.iters, FLAGS.inner, FLAGS.slow_iters = ["tiny"], 2, 1, 2
+  report["copy_GBps"] = bw = copy_bandwidth(1 << 20 if FLAGS.tiny else 1 << 29)
+  bench.log(f"copy bandwidth {bw:.0f} GB/s (read + write)")
+  rows = report["rows"] = []
+  cells = [(s, be, be, None, FLAGS.modes) for s in FLAGS.shapes for be in FLAGS.backends]
+  for name, kv in parse_configs(FLAGS.configs):
+    cells += [(s, "pallas", f"pallas[{name}]", kv, FLAGS.config_modes or FLAGS.modes)
+              for s in (FLAGS.config_shapes or FLAGS.shapes)]
+  for shape, backend, label, kv, modes in cells:
+    kw = make_inputs(jax.random.PRNGKey(1), *SHAPES[shape], jnp.bfloat16)
     for mode in modes:
-      label = backend if vname is None else f"pallas[{vname}]"
-      try:
-        call, peak, compile_s = build_call(backend, kw, mode, cfg)
-        iters = FLAGS.slow_iters if backend == "sequential" else FLAGS.iters
-        inner = 1 if backend == "sequential" else FLAGS.inner
-        ms = time_fn(call, iters, inner, FLAGS.budget_s)
-        err = None
-        if backend == "jla" and mode == "fwd":  # same semantics as ours?
-          ours = build_call("pallas", kw, "fwd")[0]()
-          agree = rel(call(), ours)
-          print(f"{shape}: jla vs ssmax pallas y rel err {agree:.2e}", flush=True)
-      except Exception as e:  # report the failure in the table, keep going
-        ms, peak, compile_s, err = float("nan"), None, float("nan"), f"{type(e).__name__}: {e}"[:300]
-      gbps = min_bytes(b, l, d, n, mode) / (ms * 1e-3) / 1e9 if ms == ms else float("nan")
-      agrees = backend == "jla" and mode == "fwd" and err is None
-      row = dict(shape=shape, backend=label, mode=mode, ms=ms, agree=agree if agrees else None,
-                 peak_GiB=None if peak is None else peak / 2**30,
-                 GBps=gbps, frac_copy=gbps / bw, compile_s=compile_s, error=err,
-                 config=None if cfg is None else {k: v for k, v in vars(cfg).items() if v is not None})
+      config = None if kv is None else ssmax.pallas.Config(**kv)
+      got = harness.attempt(lambda: measure(shape, backend, mode, kw, config), bench.log)
+      row = {**dict(shape=shape, backend=label, mode=mode, ms=float("nan"), peak_GiB=None,
+                    GBps=float("nan"), compile_s=float("nan"), agree=None, config=kv), **got}
+      row["frac_copy"] = row["GBps"] / bw
+      row["error"] = None if row["status"] == "ok" else row["status"]
       rows.append(row)
-      print(f"{shape:11s} {label:22s} {mode:6s} {ms:9.3f} ms  peak "
-            f"{(row['peak_GiB'] or float('nan')):6.2f} GiB  {gbps:7.0f} GB/s  "
-            f"(compile {compile_s:.1f} s){'  ERROR ' + err if err else ''}", flush=True)
-  report["rows"] = rows
-  summary(rows, report)
-  if FLAGS.check:
-    t0 = time.perf_counter()
-    res = correctness_pass(FLAGS.check_shapes)
-    report["check"] = res
-    report["check_ok"] = all(r["ok"] for r in res)
-    print(f"correctness pass: {'OK' if report['check_ok'] else 'FAILED'} "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
-  summary(rows, report)
+      bench.log(f"{shape:11s} {label:22s} {mode:6s} {row['ms']:9.3f} ms  peak "
+                f"{(row['peak_GiB'] or float('nan')):6.2f} GiB  {row['GBps']:7.0f} GB/s  "
+                f"(compile {row['compile_s']:.1f} s)"
+                + (f"  {row['status']}" if row["error"] else "")
+                + (f"  jla vs ssmax pallas y rel err {row['agree']:.2e}" if row["agree"] else ""))
+      bench.save(summary(report))
+  bench.log("\n" + summary(report))
+  bench.finish()
 
 
-def summary(rows, report):
-  # Summary table: pallas vs associative and official.
-  print("\n| shape | backend | fwd ms | fwd+bwd ms | peak GiB (fwd+bwd) | GB/s fwd | x assoc fwd+bwd | x official fwd | x official fwd+bwd |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  get = lambda s, be, m: next((r for r in rows if r["shape"] == s and r["backend"] == be and r["mode"] == m), None)
-  for s in FLAGS.shapes:
+def summary(report) -> str:
+  """Per shape and backend: times, peak, bandwidth, and the ratios to associative and official."""
+  rows = report["rows"]
+  get = lambda s, be, m: next((r for r in rows if (r["shape"], r["backend"], r["mode"]) ==
+                               (s, be, m)), None)
+  nan = float("nan")
+  body = []
+  for s in dict.fromkeys(r["shape"] for r in rows):
     assoc = get(s, "associative", "fwdbwd")
     for be in dict.fromkeys(r["backend"] for r in rows if r["shape"] == s):
       f, fb = get(s, be, "fwd"), get(s, be, "fwdbwd")
-      fms = f["ms"] if f else float("nan")
-      fbms = fb["ms"] if fb else float("nan")
-      xa = assoc["ms"] / fbms if assoc and fb else float("nan")
-      of, ofb = OFFICIAL_MS[s]
-      pk = fb["peak_GiB"] if fb and fb["peak_GiB"] is not None else float("nan")
-      gb = f["GBps"] if f else float("nan")
-      print(f"| {s} | {be} | {fms:.3f} | {fbms:.3f} | {pk:.2f} | {gb:.0f} | {xa:.1f} | "
-            f"{of / fms:.2f} | {ofb / fbms:.2f} |")
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as fh:
-      json.dump(report, fh, indent=1, default=str)
-    print("wrote", FLAGS.out, flush=True)
+      fms, fbms = (f["ms"] if f else nan), (fb["ms"] if fb else nan)
+      of, ofb = OFFICIAL_MS.get(s, (nan, nan))
+      pk = fb["peak_GiB"] if fb and fb["peak_GiB"] is not None else nan
+      body.append([s, be, f"{fms:.3f}", f"{fbms:.3f}", f"{pk:.2f}",
+                   f"{f['GBps'] if f else nan:.0f}",
+                   f"{assoc['ms'] / fbms if assoc else nan:.1f}", f"{of / fms:.2f}",
+                   f"{ofb / fbms:.2f}"])
+  return (f"Selective scan, bf16 inputs, z, D, Δ bias, softplus; {report['device']}, JAX "
+          f"{report['jax']}.\n\n" + plotting.markdown_table(
+              ["shape", "backend", "fwd ms", "fwd+bwd ms", "peak GiB (fwd+bwd)", "GB/s fwd",
+               "x assoc fwd+bwd", "x official fwd", "x official fwd+bwd"], body))
 
 
 if __name__ == "__main__":

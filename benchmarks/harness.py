@@ -32,6 +32,7 @@ import traceback
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from experiments.plotting import markdown_table  # noqa: F401  (the scripts' one table printer)
 
@@ -96,6 +97,12 @@ def device_peak_bytes() -> int | None:
   """The device allocator's high-water mark since the process started (GPU only, else ``None``)."""
   stats = jax.devices()[0].memory_stats()
   return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def rel_err(got, want) -> float:
+  """max |got - want| / max |want|, in float64."""
+  got, want = np.asarray(got).astype(np.float64), np.asarray(want).astype(np.float64)
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
 # ----------------------------------------------------------------------------------------------

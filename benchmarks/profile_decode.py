@@ -242,8 +242,8 @@ def kernel_checks(sizes, batches=(1, 5)) -> list[dict]:
           y, h = selective_state_update(x["state"], x["u"], x["delta"], x["A"], x["B"], x["C"],
                                         x["D"], x["z"], x["delta_bias"], True,
                                         delta_proj=x["delta_proj"], backend=backend)
-          row[f"{backend}_y_rel"] = rel_err(y, want_y)
-          row[f"{backend}_state_rel"] = rel_err(h, want_h)
+          row[f"{backend}_y_rel"] = harness.rel_err(y, want_y)
+          row[f"{backend}_state_rel"] = harness.rel_err(h, want_h)
         rows.append(row)
   return rows
 
@@ -265,13 +265,8 @@ def lm_check(model: MambaLM, size: str, batch: int = 2, steps: int = 8) -> dict:
     logits[backend] = np.asarray(run(state, tokens), np.float32)
   greedy = {b: l.argmax(-1) for b, l in logits.items()}
   return dict(size=size, batch=batch, steps=steps,
-              logits_rel=rel_err(logits["pallas"], logits["xla"]),
+              logits_rel=harness.rel_err(logits["pallas"], logits["xla"]),
               greedy_agree=float(np.mean(greedy["pallas"] == greedy["xla"])))
-
-
-def rel_err(got, want) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
 # ----------------------------------------------------------------------------------------------
