@@ -39,8 +39,11 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ssmax import _checks
+from ssmax import _checks, sharding
 from ssmax import scan as ssmax_scan
+# The collectives are public here too, beside the meshes they run on.
+from ssmax.sharding import (gather_sequence, last_shard, local_piece, pass_state,  # noqa: F401
+                            sequence_halo)
 
 DATA_AXIS = "data"
 SEQUENCE_AXIS = "seq"
@@ -112,7 +115,7 @@ def shard_batch(mesh: Mesh, batch, *, data_axis: str | None = DATA_AXIS,
 
   def place(path, x):
     name = "batch" + jax.tree_util.keystr(path)
-    _min_rank(name, x, 1, "(batch, ...)")
+    sharding.min_rank(name, x, 1, "(batch, ...)")
     _check_divisible(mesh, name, x, data_axis, sequence_axis)
     return jax.device_put(x, NamedSharding(mesh, batch_spec(np.ndim(x), data_axis, sequence_axis)))
 
@@ -122,103 +125,6 @@ def shard_batch(mesh: Mesh, batch, *, data_axis: str | None = DATA_AXIS,
 def replicate(mesh: Mesh, tree):
   """Places every array of ``tree`` (parameters, optimizer state) on all devices of ``mesh``."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-# ----------------------------------------------------------------------------------------------
-# Collectives along the sequence axis, for use inside shard_map.
-
-
-def sequence_halo(x: jax.Array, width: int, axis_name: str,
-                  first: jax.Array | None = None) -> jax.Array:
-  """The previous shard's last ``width`` steps: the left context of a causal convolution.
-
-  Args:
-    x: ``(batch, length, channels)`` this shard's piece, ``length >= width``.
-    width: number of steps to pass on (``d_conv - 1`` for a width-``d_conv`` convolution).
-    axis_name: the mesh axis the length is sharded over (bound by an enclosing ``shard_map``).
-    first: optional ``(batch, width, channels)`` left context of the first shard (e.g. a carried
-      convolution state); zeros if None.
-
-  Returns:
-    ``(batch, width, channels)`` in ``x.dtype``: shard ``i > 0`` gets shard ``i - 1``'s last
-    ``width`` steps, shard 0 gets ``first``.
-
-  Raises:
-    ValueError: on a bad rank or ``width``, a local length below ``width`` or an unbound axis.
-  """
-  _checks.rank("x", x, 3, "(batch, length, channels)")
-  width = _checks.positive_int("width", width)
-  b, l, c = x.shape
-  if l < width:
-    raise ValueError(f"x must hold at least width={width} steps per shard so the halo comes from "
-                     f"one neighbour; got shape {x.shape} (use fewer sequence shards)")
-  if first is not None:
-    _checks.shape("first", first, (b, width, c), "(batch, width, channels)")
-  n = _axis_size(axis_name)
-  tail = x[:, l - width:]
-  received = lax.ppermute(tail, axis_name, [(i, i + 1) for i in range(n - 1)])  # shard 0 gets 0
-  if first is None:
-    return received
-  return jnp.where(lax.axis_index(axis_name) == 0, first.astype(x.dtype), received)
-
-
-def gather_sequence(x: jax.Array, axis_name: str) -> jax.Array:
-  """All shards' pieces concatenated along axis 1: ``(batch, length, ...)`` ->
-  ``(batch, length * shards, ...)``, for layers that need the whole sequence (FFT convolution)."""
-  _min_rank("x", x, 2, "(batch, length, ...)")
-  _axis_size(axis_name)
-  return lax.all_gather(x, axis_name, axis=1, tiled=True)
-
-
-def local_piece(x: jax.Array, axis_name: str) -> jax.Array:
-  """This shard's piece along axis 1 of a whole-sequence ``x``: the inverse of
-  :func:`gather_sequence`. ``(batch, length * shards, ...)`` -> ``(batch, length, ...)``."""
-  _min_rank("x", x, 2, "(batch, length, ...)")
-  n = _axis_size(axis_name)
-  if x.shape[1] % n:
-    raise ValueError(f"x's length {x.shape[1]} must be divisible by the {n} shards of "
-                     f"{axis_name!r}; got shape {x.shape}")
-  piece = x.shape[1] // n
-  return lax.dynamic_slice_in_dim(x, lax.axis_index(axis_name) * piece, piece, axis=1)
-
-
-def pass_state(decay: jax.Array, last: jax.Array, axis_name: str,
-               initial_state: jax.Array | None = None):
-  """State passing for a diagonal linear recurrence whose length is split over ``axis_name``.
-
-  Each shard ran its piece from zero state. With ``h_out = decay * h_in + last`` per shard
-  (elementwise; ``decay`` the product of the shard's transitions, e.g. ``exp(A ΣΔ)`` or
-  ``Ab ** length``), returns the state entering this shard and the state after the whole sequence.
-
-  Args:
-    decay: ``(batch, channels, state)`` (any shape) this shard's total transition.
-    last: like ``decay``: this shard's final state, started from zero.
-    axis_name: the mesh axis the length is split over (bound by an enclosing ``shard_map``).
-    initial_state: optional state before the first shard (zeros if None), same on all shards.
-
-  Returns:
-    ``(entering, final)`` in ``last.dtype``; ``final`` is the same on every shard of the axis.
-
-  Raises:
-    ValueError: on mismatched shapes or an unbound axis.
-  """
-  _checks.shape("last", last, _checks.shape_of(decay), "like decay")
-  if initial_state is not None:
-    _checks.shape("initial_state", initial_state, _checks.shape_of(decay), "like decay")
-  _axis_size(axis_name)
-  return ssmax_scan._pass_state(decay, last, axis_name, initial_state)
-
-
-def last_shard(x, axis_name: str):
-  """The value ``x`` has on the last shard of ``axis_name``, on every shard (a pytree works).
-
-  For state that leaves the end of a sequence (a convolution's last inputs): it is exact (the
-  other shards add zeros) and replicated along the axis as ``shard_map`` expects of an output
-  whose spec does not name the axis.
-  """
-  n = _axis_size(axis_name)
-  is_last = lax.axis_index(axis_name) == n - 1
-  return jax.tree.map(lambda a: lax.psum(jnp.where(is_last, a, jnp.zeros_like(a)), axis_name), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +156,7 @@ def selective_scan(mesh: Mesh, u, delta, A, B, C, D=None, z=None, delta_bias=Non
       mesh, or the same axis for both; on a batch (length) not divisible by the data (sequence)
       axis size.
   """
-  _checks.one_of("backend", backend, ssmax_scan.BACKENDS)
+  ssmax_scan.dispatch.parse(backend)
   ssmax_scan.check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
   _check_axes(mesh, data_axis=data_axis, sequence_axis=sequence_axis)
   for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
@@ -317,7 +223,7 @@ def value_and_grad(local_loss: Callable, mesh: Mesh, *, data_axis: str | None = 
   def f(params, *batch):
     specs = []
     for i, x in enumerate(batch):
-      _min_rank(f"batch[{i}]", x, 1, "(batch, ...)")
+      sharding.min_rank(f"batch[{i}]", x, 1, "(batch, ...)")
       _check_divisible(mesh, f"batch[{i}]", x, data_axis, sequence_axis)
       specs.append(batch_spec(np.ndim(x), data_axis, sequence_axis))
     params = jax.tree.map(lambda a: _place(mesh, a, P()), params)
@@ -330,19 +236,6 @@ def value_and_grad(local_loss: Callable, mesh: Mesh, *, data_axis: str | None = 
 
 # ----------------------------------------------------------------------------------------------
 # Checks.
-
-
-def _axis_size(axis_name) -> int:
-  try:
-    return lax.axis_size(axis_name)
-  except NameError:
-    raise ValueError(f"axis_name={axis_name!r} is not bound here: call this inside jax.shard_map "
-                     "over a mesh with that axis") from None
-
-
-def _min_rank(name: str, x, rank: int, what: str) -> None:
-  if np.ndim(x) < rank:
-    raise ValueError(f"{name} must have rank >= {rank} {what}; got shape {_checks.shape_of(x)}")
 
 
 def _check_axes(mesh: Mesh, **axes) -> None:

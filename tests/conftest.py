@@ -1,19 +1,36 @@
-"""Fixtures shared by the tests: fresh random inputs on every run, reproducible from the seed."""
+"""Shared fixtures and markers.
+
+Random inputs come from :mod:`seeds` (fixed by default; ``SSMAX_TEST_SEED=random`` draws fresh
+ones and every failure prints the base seed that replays it). Tests marked ``gpu`` need a GPU and
+are deselected by default; run them on the device with ``pytest -m gpu``.
+"""
 
 import numpy as np
 import pytest
 
+import seeds
 
-def fresh_seed() -> int:
-  """A new seed each call, printed so a failing test can be rerun with the same inputs."""
-  seed = int(np.random.SeedSequence().entropy % (2**31))
-  print(f"seed={seed}")
-  return seed
+
+def pytest_report_header(config):
+  return f"test seeds: base {seeds.BASE} (set {seeds.ENV}=<int> or 'random' to change)"
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(request):
+  seeds.start_test(request.node.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  report = outcome.get_result()
+  if report.failed:
+    report.sections.append(("seed", f"replay with {seeds.ENV}={seeds.BASE} pytest '{item.nodeid}'"))
 
 
 @pytest.fixture
 def seed() -> int:
-  return fresh_seed()
+  return seeds.draw()
 
 
 @pytest.fixture

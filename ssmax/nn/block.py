@@ -23,7 +23,7 @@ class Block(nnx.Module):
   def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
     self.norm = make_norm(config.d_model, rms_norm=config.rms_norm, eps=config.norm_epsilon,
                           param_dtype=config.param_dtype, rngs=rngs)
-    self.mixer = MambaMixer.from_config(config, rngs=rngs)
+    self.mixer = MambaMixer(config, rngs=rngs)
 
   def __call__(self, x: jax.Array, state: MixerState | None = None, *,
                return_state: bool = False):

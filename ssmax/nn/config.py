@@ -9,10 +9,11 @@ from typing import Any
 import jax.numpy as jnp
 
 from ssmax import _checks
-from ssmax.scan import BACKENDS
+from ssmax.scan import dispatch
 
 SSM_KINDS = ("selective", "s4d")
 DT_INITS = ("random", "constant")
+S4D_INITS = ("real", "lin", "inv")  # S4D-Real, S4D-Lin, S4D-Inv (hippo.s4d_*)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +89,8 @@ class MambaConfig:
     check_dt_range(self.dt_min, self.dt_max, self.dt_init_floor)
     _checks.one_of("dt_init", self.dt_init, DT_INITS)
     _checks.one_of("ssm", self.ssm, SSM_KINDS)
-    _checks.one_of("s4d_init", self.s4d_init, ("real", "lin", "inv"))
-    _checks.one_of("scan_backend", self.scan_backend, BACKENDS)
+    _checks.one_of("s4d_init", self.s4d_init, S4D_INITS)
+    dispatch.parse(self.scan_backend, "scan_backend")
     if self.sequence_axis is not None and not isinstance(self.sequence_axis, str):
       raise ValueError(f"sequence_axis must be a mesh axis name (str) or None; got "
                        f"{self.sequence_axis!r}")

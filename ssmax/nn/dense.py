@@ -12,14 +12,13 @@ from flax import nnx
 # into a multiply and a reduction over the matrix's major axis (its DotStrengthReduction pass). At
 # batch 1 such products ran several times below memory bandwidth on an H100
 # (experiments/profile_decode.py); computed as two rows, they stay matrix products (cuBLAS or a
-# Triton GEMM). False turns the padding off (for measuring it).
-PAD_SINGLE_ROW = True
+# Triton GEMM).
 
 
 def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
   """``layer(x)`` for ``x`` ``(..., in_features)``; a single row is computed as two (the second
   zero, then dropped), so that XLA keeps it a matrix product. Same result as ``layer(x)``."""
-  if not PAD_SINGLE_ROW or math.prod(x.shape[:-1]) != 1:
+  if math.prod(x.shape[:-1]) != 1:
     return layer(x)
   row = x.reshape(1, x.shape[-1])
   y = layer(jnp.concatenate([row, jnp.zeros_like(row)], axis=0))[:1]

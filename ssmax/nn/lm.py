@@ -9,6 +9,7 @@ from flax import nnx
 
 from ssmax import _checks
 from ssmax.nn import init as inits
+from ssmax.nn import pretrained
 from ssmax.nn.block import Block
 from ssmax.nn.cache import MambaCache
 from ssmax.nn.config import MambaConfig
@@ -50,17 +51,13 @@ class MambaLM(nnx.Module):
   def from_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=jnp.float32,
                       scan_backend: str = "auto") -> "MambaLM":
     """Loads a ``transformers`` or ``mamba_ssm`` checkpoint directory; see
-    :func:`ssmax.convert.load_pretrained`."""
-    from ssmax import convert  # the io layer sits above nn; imported only when used
-
-    return convert.load_pretrained(path, dtype=dtype, param_dtype=param_dtype,
-                                   scan_backend=scan_backend)
+    :func:`ssmax.nn.pretrained.load_pretrained`."""
+    return pretrained.load_pretrained(cls, path, dtype=dtype, param_dtype=param_dtype,
+                                      scan_backend=scan_backend)
 
   def save_pretrained(self, path):
-    """Writes the ``transformers`` format; see :func:`ssmax.convert.save_pretrained`."""
-    from ssmax import convert
-
-    return convert.save_pretrained(self, path)
+    """Writes the ``transformers`` format; see :func:`ssmax.nn.pretrained.save_pretrained`."""
+    return pretrained.save_pretrained(self, path)
 
   @property
   def residual_dtype(self):

@@ -34,12 +34,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssmax import _checks, parallel
+from ssmax import _checks, sharding
 from ssmax.nn import init as inits
+from ssmax.nn.config import MambaConfig
 from ssmax.nn.dense import dense
-from ssmax.nn.config import DT_INITS, SSM_KINDS, MambaConfig, check_dt_range, resolve_dt_rank
-from ssmax.nn.s4 import S4D_INITS, S4DLayer
-from ssmax.scan import BACKENDS, selective_scan, selective_state_update
+from ssmax.nn.s4 import S4DLayer
+from ssmax.scan import selective_scan, selective_state_update
 
 
 class MixerState(NamedTuple):
@@ -57,103 +57,75 @@ class MixerState(NamedTuple):
 
 
 class MambaMixer(nnx.Module):
-  """The Mamba block's mixer (the official ``Mamba`` module), batch-major.
+  """The Mamba block's mixer (the official ``Mamba`` module), batch-major, configured by a
+  :class:`MambaConfig` taken whole.
 
   Call it on ``(batch, length, d_model)``; ``step`` advances the recurrent state by one token.
   """
 
-  def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-               dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
-               dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
-               conv_bias: bool = True, bias: bool = False, gated: bool = True,
-               ssm: str = "selective", s4d_init: str = "real", n_layer: int = 1,
-               scan_backend: str = "auto", sequence_axis: str | None = None,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    """Builds the mixer with the official initialisation.
+  def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
+    """Builds the mixer of one block of a :class:`~ssmax.nn.MambaLM` with the official
+    initialisation.
+
+    The fields of ``config`` it reads (checked there): ``d_model``, ``d_state``, ``d_conv``,
+    ``expand``, ``dt_rank``, the ``dt_*`` initialisation, ``conv_bias``, ``bias`` (``in_proj`` and
+    ``out_proj``, initialised to zero), ``gated`` (False drops the ``z`` half of ``in_proj``),
+    ``ssm`` and ``s4d_init``, ``n_layer`` (``out_proj``'s init is divided by ``sqrt(n_layer)``, the
+    official LM's rescaling of residual branches), ``scan_backend``, ``sequence_axis`` (inside
+    ``jax.shard_map`` the convolution takes its left context from the previous shard and the SSM
+    passes its state across shards), ``dtype`` (compute) and ``param_dtype``.
 
     Args:
-      d_model: input and output width.
-      d_state: SSM state size N.
-      d_conv: width of the causal depthwise convolution.
-      expand: ``d_inner = expand * d_model``.
-      dt_rank: rank of the Δ projection, ``"auto"`` = ``ceil(d_model / 16)``.
-      dt_min, dt_max, dt_init, dt_scale, dt_init_floor: Δ initialisation (see
-        :class:`MambaConfig`).
-      conv_bias: bias in ``conv1d``.
-      bias: bias in ``in_proj`` and ``out_proj`` (initialised to zero, as the official LM does).
-      gated: gate the SSM output with ``SiLU(z)``; False drops the ``z`` half of ``in_proj``.
-      ssm: ``"selective"`` (S6) or ``"s4d"`` (an :class:`S4DLayer`: LTI, convolution mode).
-      s4d_init: the S4D layer's init, ``"real"``, ``"lin"`` or ``"inv"`` (with ``ssm="s4d"``).
-      n_layer: ``out_proj``'s init is divided by ``sqrt(n_layer)`` (the official LM's rescaling of
-        residual branches; 1 leaves PyTorch's default).
-      scan_backend: backend for :func:`ssmax.selective_scan`.
-      sequence_axis: mesh axis the length is split over, when called inside ``jax.shard_map``
-        (:mod:`ssmax.parallel`): the convolution takes its left context from the previous shard
-        and the SSM passes its state across shards. None: whole sequences.
-      dtype: compute dtype; parameters are ``param_dtype``.
+      config: a :class:`MambaConfig`.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
-    for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
-                        ("expand", expand), ("n_layer", n_layer)):
-      _checks.positive_int(name, value)
-    check_dt_range(dt_min, dt_max, dt_init_floor)
-    _checks.one_of("dt_init", dt_init, DT_INITS)
-    _checks.one_of("ssm", ssm, SSM_KINDS)
-    _checks.one_of("s4d_init", s4d_init, S4D_INITS)
-    _checks.one_of("scan_backend", scan_backend, BACKENDS)
-    self.d_model = d_model
-    self.d_state = d_state
-    self.d_conv = d_conv
-    self.d_inner = d_inner = expand * d_model
-    self.dt_rank = dt_rank = resolve_dt_rank(dt_rank, d_model)
-    self.gated = gated
-    self.ssm = ssm
-    self.scan_backend = scan_backend
-    self.sequence_axis = sequence_axis
-    self.dtype = dtype
-    linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if not isinstance(config, MambaConfig):
+      raise ValueError(f"config must be a MambaConfig; got {type(config).__name__}")
+    c = config
+    self.d_model = d_model = c.d_model
+    self.d_state = d_state = c.d_state
+    self.d_conv = d_conv = c.d_conv
+    self.d_inner = d_inner = c.d_inner
+    self.dt_rank = dt_rank = c.resolved_dt_rank
+    self.gated = c.gated
+    self.ssm = c.ssm
+    self.scan_backend = c.scan_backend
+    self.sequence_axis = c.sequence_axis
+    self.dtype = c.dtype
+    linear = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
 
-    self.in_proj = nnx.Linear(d_model, (2 if gated else 1) * d_inner, use_bias=bias,
+    self.in_proj = nnx.Linear(d_model, (2 if c.gated else 1) * d_inner, use_bias=c.bias,
                               kernel_init=inits.torch_uniform(d_model),
                               bias_init=jax.nn.initializers.zeros, **linear)
     # Depthwise: kernel (d_conv, 1, d_inner); the left context is concatenated by hand so that a
     # carried conv state and zero padding take the same path.
     self.conv1d = nnx.Conv(d_inner, d_inner, kernel_size=(d_conv,), feature_group_count=d_inner,
-                           padding="VALID", use_bias=conv_bias,
+                           padding="VALID", use_bias=c.conv_bias,
                            kernel_init=inits.torch_uniform(d_conv),
                            bias_init=inits.torch_uniform(d_conv), **linear)
-    if ssm == "selective":
+    if c.ssm == "selective":
       self.x_proj = nnx.Linear(d_inner, dt_rank + 2 * d_state, use_bias=False,
                                kernel_init=inits.torch_uniform(d_inner), **linear)
-      dt_std = dt_rank**-0.5 * dt_scale
-      dt_kernel_init = (jax.nn.initializers.constant(dt_std) if dt_init == "constant"
+      dt_std = dt_rank**-0.5 * c.dt_scale
+      dt_kernel_init = (jax.nn.initializers.constant(dt_std) if c.dt_init == "constant"
                         else inits.torch_uniform(1, dt_std))
       self.dt_proj = nnx.Linear(dt_rank, d_inner, use_bias=True, kernel_init=dt_kernel_init,
-                                bias_init=inits.mamba_dt_bias(dt_min, dt_max, dt_init_floor),
+                                bias_init=inits.mamba_dt_bias(c.dt_min, c.dt_max, c.dt_init_floor),
                                 **linear)
-      self.A_log = nnx.Param(inits.mamba_A_log(d_inner, d_state, param_dtype))
-      self.D = nnx.Param(jnp.ones((d_inner,), param_dtype))
+      self.A_log = nnx.Param(inits.mamba_A_log(d_inner, d_state, c.param_dtype))
+      self.D = nnx.Param(jnp.ones((d_inner,), c.param_dtype))
       self.state_shape = (d_inner, d_state)
       self.state_dtype = jnp.float32
     else:
       # Δ, A, B, C, D are the S4D layer's own, not functions of the input.
-      self.s4d = S4DLayer(d_inner, d_state=d_state, init=s4d_init, dt_min=dt_min, dt_max=dt_max,
-                          sequence_axis=sequence_axis, param_dtype=param_dtype, rngs=rngs)
+      self.s4d = S4DLayer(d_inner, d_state=d_state, init=c.s4d_init, dt_min=c.dt_min,
+                          dt_max=c.dt_max, sequence_axis=c.sequence_axis,
+                          param_dtype=c.param_dtype, rngs=rngs)
       self.state_shape = (d_inner, self.s4d.modes)
       self.state_dtype = self.s4d.init_state(1).dtype
-    self.out_proj = nnx.Linear(d_inner, d_model, use_bias=bias,
-                               kernel_init=inits.torch_uniform(d_inner, n_layer**-0.5),
+    self.out_proj = nnx.Linear(d_inner, d_model, use_bias=c.bias,
+                               kernel_init=inits.torch_uniform(d_inner, c.n_layer**-0.5),
                                bias_init=jax.nn.initializers.zeros, **linear)
-
-  @classmethod
-  def from_config(cls, config: MambaConfig, *, rngs: nnx.Rngs) -> "MambaMixer":
-    """The mixer of one block of a :class:`~ssmax.nn.MambaLM` with ``config``."""
-    c = config
-    return cls(c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, dt_rank=c.dt_rank,
-               dt_min=c.dt_min, dt_max=c.dt_max, dt_init=c.dt_init, dt_scale=c.dt_scale,
-               dt_init_floor=c.dt_init_floor, conv_bias=c.conv_bias, bias=c.bias, gated=c.gated,
-               ssm=c.ssm, s4d_init=c.s4d_init, n_layer=c.n_layer, scan_backend=c.scan_backend,
-               sequence_axis=c.sequence_axis, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
 
   # --------------------------------------------------------------------------------------------
 
@@ -187,7 +159,7 @@ class MambaMixer(nnx.Module):
     xs, z = self._in_proj(x)
     left = state.conv[:, 1:].astype(xs.dtype)  # the d_conv - 1 inputs before this piece
     if self.sequence_axis is not None and self.d_conv > 1:
-      left = parallel.sequence_halo(xs, self.d_conv - 1, self.sequence_axis, first=left)
+      left = sharding.sequence_halo(xs, self.d_conv - 1, self.sequence_axis, first=left)
     history = jnp.concatenate([left, xs], axis=1)
     u = jax.nn.silu(self.conv1d(history))  # (b, l, d_inner)
     h0 = None if fresh else state.ssm
@@ -207,7 +179,7 @@ class MambaMixer(nnx.Module):
       return out
     conv = history[:, -self.d_conv:].astype(self.dtype)
     if self.sequence_axis is not None:
-      conv = parallel.last_shard(conv, self.sequence_axis)
+      conv = sharding.last_shard(conv, self.sequence_axis)
     return out, MixerState(conv, last)
 
   def step(self, state: MixerState, x: jax.Array):

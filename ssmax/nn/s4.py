@@ -17,11 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssmax import _checks, discretize, hippo, lti, parallel
+from ssmax import _checks, discretize, hippo, lti, sharding
 from ssmax.nn import init as inits
-from ssmax.nn.config import check_dt_range
-
-S4D_INITS = ("lin", "inv", "real")
+from ssmax.nn.config import S4D_INITS, check_dt_range
 
 # One SISO function of lti over the channels (and, for step, over the batch first).
 _per_channel = lambda f: jax.vmap(f, in_axes=(0, 0, 0))
@@ -77,7 +75,7 @@ class S4DLayer(nnx.Module):
       dt_min, dt_max: range of the log-uniform ``dt`` init.
       sequence_axis: mesh axis the length is split over, when called inside ``jax.shard_map``:
         each shard convolves its piece and the state entering it is passed from the shards
-        before (:func:`ssmax.parallel.pass_state`). None: whole sequences.
+        before (:func:`ssmax.sharding.pass_state`). None: whole sequences.
       param_dtype: dtype of the real parameters.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
@@ -163,7 +161,7 @@ class S4DLayer(nnx.Module):
     if self.sequence_axis is not None:
       # This piece ran from zero; the state entering it comes from the pieces before.
       local = Bb * jnp.einsum("lhm,blh->bhm", back, u32.astype(back.dtype))
-      h0, last = parallel.pass_state(jnp.broadcast_to(powers[-1], local.shape), local,
+      h0, last = sharding.pass_state(jnp.broadcast_to(powers[-1], local.shape), local,
                                      self.sequence_axis, h0)
     y = y + jnp.real(jnp.einsum("lhm,bhm->blh", C * powers, h0))
     if not return_state:
@@ -257,8 +255,8 @@ class S4Layer(nnx.Module):
     if self.sequence_axis is None:
       y = lti.causal_conv(u32, self.kernel(u.shape[1]))
     else:
-      whole = parallel.gather_sequence(u32, self.sequence_axis)
-      y = parallel.local_piece(lti.causal_conv(whole, self.kernel(whole.shape[1])),
+      whole = sharding.gather_sequence(u32, self.sequence_axis)
+      y = sharding.local_piece(lti.causal_conv(whole, self.kernel(whole.shape[1])),
                                self.sequence_axis)
     y = y + u32 * self.D[...].astype(jnp.float32)
     return y.astype(u.dtype)

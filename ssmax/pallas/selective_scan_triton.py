@@ -54,13 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-_LOG2E = 1.4426950408889634
-_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-MAX_STATE = 256
-
-
-def _next_pow2(x: int) -> int:
-  return 1 << max(0, int(x) - 1).bit_length()
+from ssmax.pallas.common import LOG2E as _LOG2E, MAX_STATE, dtype_reason, next_pow2 as _next_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -854,13 +848,10 @@ def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, initi
   """Why the fused kernel cannot take these (already checked) inputs, or None if it can."""
   if jnp.issubdtype(A.dtype, jnp.complexfloating):
     return "complex A is not supported by the fused kernel"
-  for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
-    if x is not None and jnp.dtype(x.dtype) not in map(jnp.dtype, _SUPPORTED_DTYPES):
-      return f"{name} has dtype {x.dtype}; the fused kernel takes float32, bfloat16 or float16"
-  for name, x in (("A", A), ("D", D), ("delta_bias", delta_bias),
-                  ("initial_state", initial_state)):
-    if x is not None and jnp.dtype(x.dtype) not in map(jnp.dtype, _SUPPORTED_DTYPES):
-      return f"{name} has dtype {x.dtype}; the fused kernel takes float32 parameters"
+  reason = dtype_reason(u=u, delta=delta, B=B, C=C, z=z, A=A, D=D, delta_bias=delta_bias,
+                        initial_state=initial_state)
+  if reason is not None:
+    return reason
   if A.shape[1] > MAX_STATE:
     return f"state size {A.shape[1]} exceeds the fused kernel's maximum of {MAX_STATE}"
   return None

@@ -15,7 +15,7 @@ decode steps on an H100 it was not faster than XLA's fusions (the copies and sli
 launches; experiments/NOTES-scan.md), so ``backend="auto"`` does not pick it.
 
 Not differentiable on its own: :func:`selective_state_update` wraps it in a ``custom_vjp`` whose
-backward differentiates the plain JAX step. Pallas Triton lowering, like :mod:`.fused_scan`.
+backward differentiates the plain JAX step. Pallas Triton lowering.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ssmax.pallas.fused_scan import MAX_STATE, _SUPPORTED_DTYPES, _next_pow2
+from ssmax.pallas.common import MAX_STATE, dtype_reason, next_pow2 as _next_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +140,10 @@ def unsupported_reason(state, u, delta, A, B, C, D=None, z=None, delta_bias=None
   if jnp.issubdtype(A.dtype, jnp.complexfloating) or jnp.issubdtype(state.dtype,
                                                                      jnp.complexfloating):
     return "complex A or state is not supported by the step kernel"
-  for name, x in (("state", state), ("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C),
-                  ("D", D), ("z", z), ("delta_bias", delta_bias), ("delta_proj", delta_proj)):
-    if x is not None and jnp.dtype(x.dtype) not in map(jnp.dtype, _SUPPORTED_DTYPES):
-      return f"{name} has dtype {x.dtype}; the step kernel takes float32, bfloat16 or float16"
+  reason = dtype_reason(state=state, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
+                        delta_bias=delta_bias, delta_proj=delta_proj)
+  if reason is not None:
+    return reason
   if A.shape[1] > MAX_STATE:
     return f"state size {A.shape[1]} exceeds the step kernel's maximum of {MAX_STATE}"
   return None

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ssmax import checkpoint
+from ssmax.io import checkpoint
 from ssmax.nn import MambaConfig, MambaLM
 
 CONFIG = MambaConfig(d_model=12, n_layer=2, vocab_size=29, d_state=3, d_conv=3)

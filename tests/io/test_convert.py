@@ -16,7 +16,7 @@ import torch
 import transformers
 from flax import nnx
 
-from ssmax import convert
+from ssmax.nn import pretrained
 from ssmax.nn import MambaConfig, MambaLM
 
 VOCAB = 37  # padded to 40 by ssmax's default multiple of 8
@@ -135,7 +135,7 @@ def test_transformers_untied_with_biases_sharded_logits(tmp_path):
                        conv_kernel=3, expand=3, time_step_rank=3, layer_norm_epsilon=1e-3)
   model.save_pretrained(tmp_path, max_shard_size="20KB")
   assert (tmp_path / "model.safetensors.index.json").is_file()
-  ours = convert.load_pretrained(tmp_path)
+  ours = MambaLM.from_pretrained(tmp_path)
   c = ours.config
   assert (c.tie_embeddings, c.bias, c.conv_bias, c.d_conv, c.expand, c.dt_rank,
           c.norm_epsilon) == (False, True, False, 3, 3, 3, 1e-3)
@@ -156,7 +156,7 @@ def test_mamba_ssm_untied_safetensors_logits_and_greedy(tmp_path):
   model = _torch_model(5, tie_word_embeddings=False, use_bias=True, conv_kernel=5, expand=1,
                        time_step_rank=4)
   _write_mamba_ssm(model, tmp_path / "mamba_ssm", extra_rows=0, fmt="safetensors")
-  ours = convert.load_pretrained(tmp_path / "mamba_ssm")
+  ours = MambaLM.from_pretrained(tmp_path / "mamba_ssm")
   assert (ours.config.d_conv, ours.config.expand, ours.config.dt_rank) == (5, 1, 4)
   _check_against_torch(ours, model, seed=6)
 
@@ -164,7 +164,7 @@ def test_mamba_ssm_untied_safetensors_logits_and_greedy(tmp_path):
 def test_bfloat16_safetensors_load_exactly(tmp_path):
   model = _torch_model(8).to(torch.bfloat16)
   model.save_pretrained(tmp_path)
-  ours = convert.load_pretrained(tmp_path)
+  ours = MambaLM.from_pretrained(tmp_path)
   state = model.state_dict()
   for layer in range(2):
     prefix = f"backbone.layers.{layer}.mixer."
@@ -182,7 +182,7 @@ def test_official_130m_config():
   # config.json of the published state-spaces/mamba-130m checkpoint.
   cfg = {"d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {}, "rms_norm": True,
          "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8}
-  c = convert.config_from_dict(cfg)
+  c = pretrained.config_from_dict(cfg)
   assert (c.d_model, c.n_layer, c.vocab_size, c.padded_vocab_size, c.d_state, c.d_conv,
           c.expand, c.resolved_dt_rank, c.tie_embeddings) == (768, 24, 50277, 50280, 16, 4, 2,
                                                              48, True)
@@ -214,7 +214,7 @@ def test_save_pretrained_loads_in_transformers_and_back(tmp_path, tie):
   want = _torch_logits(theirs, tokens)
   assert _rel_err(np.asarray(_logits(ours, jnp.asarray(tokens))), want) < 1e-4
 
-  again = convert.load_pretrained(tmp_path)
+  again = MambaLM.from_pretrained(tmp_path)
   assert again.config.padded_vocab_size == PADDED and again.config.tie_embeddings == tie
   flat = lambda m: dict(nnx.to_flat_state(nnx.state(m, nnx.Param)))
   a, b = flat(ours), flat(again)
@@ -225,27 +225,27 @@ def test_save_pretrained_loads_in_transformers_and_back(tmp_path, tie):
 
 def test_save_pretrained_bfloat16(tmp_path):
   ours = _random_model(11, n_layer=1, param_dtype=jnp.bfloat16)
-  convert.save_pretrained(ours, tmp_path)
+  pretrained.save_pretrained(ours, tmp_path)
   theirs = transformers.MambaForCausalLM.from_pretrained(tmp_path)
   got = theirs.backbone.layers[0].mixer.x_proj.weight.detach()
   assert got.dtype == torch.bfloat16
   np.testing.assert_array_equal(got.float().numpy().T,
                                 np.asarray(ours.layers[0].mixer.x_proj.kernel[...], np.float32))
-  again = convert.load_pretrained(tmp_path, param_dtype=jnp.bfloat16)
+  again = MambaLM.from_pretrained(tmp_path, param_dtype=jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(again.embedding.embedding[...]),
                                 np.asarray(ours.embedding.embedding[...]))
 
 
 def test_save_pretrained_rejects_non_model(tmp_path):
   with pytest.raises(ValueError, match="model must be a MambaLM; got dict"):
-    convert.save_pretrained({}, tmp_path)
+    pretrained.save_pretrained({}, tmp_path)
 
 
 def test_save_pretrained_rejects_layernorm(tmp_path):
   config = MambaConfig(d_model=8, n_layer=1, vocab_size=VOCAB, rms_norm=False)
   ours = nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0)))  # fails before any array
   with pytest.raises(ValueError, match=r"needs config.rms_norm == True; got False"):
-    convert.save_pretrained(ours, tmp_path)
+    pretrained.save_pretrained(ours, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def _edited(tied, tmp_path, edit):
 def test_error_missing_tensor(tied, tmp_path):
   path = _edited(tied, tmp_path, lambda t: t.pop("backbone.layers.1.mixer.D"))
   with pytest.raises(ValueError, match=r"missing tensors \['backbone.layers.1.mixer.D'\]"):
-    convert.load_pretrained(path)
+    MambaLM.from_pretrained(path)
 
 
 def test_error_missing_untied_head(tied, tmp_path):
@@ -273,7 +273,7 @@ def test_error_missing_untied_head(tied, tmp_path):
   cfg = json.loads((path / "config.json").read_text())
   (path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
   with pytest.raises(ValueError, match=r"missing tensors \['lm_head.weight'\]"):
-    convert.load_pretrained(path)
+    MambaLM.from_pretrained(path)
 
 
 def test_error_unexpected_tensor(tied, tmp_path):
@@ -281,7 +281,7 @@ def test_error_unexpected_tensor(tied, tmp_path):
     t["backbone.layers.2.mixer.D"] = t["backbone.layers.1.mixer.D"]
   path = _edited(tied, tmp_path, edit)
   with pytest.raises(ValueError, match=r"unexpected tensors \['backbone.layers.2.mixer.D'\]"):
-    convert.load_pretrained(path)
+    MambaLM.from_pretrained(path)
 
 
 def test_error_mismatched_shape(tied, tmp_path):
@@ -290,7 +290,7 @@ def test_error_mismatched_shape(tied, tmp_path):
   path = _edited(tied, tmp_path, edit)
   with pytest.raises(ValueError, match=r"mismatched shapes \[backbone.layers.0.mixer.A_log: "
                      r"stored \(48, 6\), expected \(48, 5\)\]"):
-    convert.load_pretrained(path)
+    MambaLM.from_pretrained(path)
 
 
 def test_error_vocab_rows_beyond_padding(tied, tmp_path):
@@ -299,7 +299,7 @@ def test_error_vocab_rows_beyond_padding(tied, tmp_path):
   path = _edited(tied, tmp_path, edit)
   with pytest.raises(ValueError, match=r"backbone.embeddings.weight: stored \(41, 24\), "
                      r"expected \(37..40, 24\)"):
-    convert.load_pretrained(path)
+    MambaLM.from_pretrained(path)
 
 
 def test_error_tied_head_differs(tied, tmp_path):
@@ -308,7 +308,7 @@ def test_error_tied_head_differs(tied, tmp_path):
   path = _edited(tied, tmp_path, edit)
   with pytest.raises(ValueError, match="lm_head.weight: differs from the embedding, but the "
                      "config ties them"):
-    convert.load_pretrained(path)
+    MambaLM.from_pretrained(path)
 
 
 def test_error_both_naming_schemes(tied, tmp_path):
@@ -316,7 +316,7 @@ def test_error_both_naming_schemes(tied, tmp_path):
     t["backbone.embedding.weight"] = t["backbone.embeddings.weight"]
   path = _edited(tied, tmp_path, edit)
   with pytest.raises(ValueError, match="stored twice"):
-    convert.load_pretrained(path)
+    MambaLM.from_pretrained(path)
 
 
 @pytest.mark.parametrize("cfg, message", [
@@ -339,28 +339,28 @@ def test_error_both_naming_schemes(tied, tmp_path):
 ])
 def test_error_unsupported_config(cfg, message):
   with pytest.raises(ValueError, match=message):
-    convert.config_from_dict(cfg)
+    pretrained.config_from_dict(cfg)
 
 
 def test_error_no_config(tmp_path):
   with pytest.raises(FileNotFoundError, match="no config.json in"):
-    convert.load_pretrained(tmp_path)
+    MambaLM.from_pretrained(tmp_path)
 
 
 def test_error_no_weights(tied, tmp_path):
   (tmp_path / "config.json").write_text((tied[1] / "config.json").read_text())
   with pytest.raises(FileNotFoundError, match="no model.safetensors, pytorch_model.bin or sharded"):
-    convert.load_pretrained(tmp_path)
+    MambaLM.from_pretrained(tmp_path)
 
 
 def test_error_bin_without_torch(tied, tmp_path, monkeypatch):
   _write_mamba_ssm(tied[0], tmp_path / "m", extra_rows=0)
   monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
   with pytest.raises(ImportError, match="needs PyTorch"):
-    convert.load_pretrained(tmp_path / "m")
+    MambaLM.from_pretrained(tmp_path / "m")
 
 
 def test_error_safetensors_without_the_package(tied, monkeypatch):
   monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
   with pytest.raises(ImportError, match="needs the safetensors package"):
-    convert.load_pretrained(tied[1])
+    MambaLM.from_pretrained(tied[1])

@@ -14,9 +14,9 @@ import pytest
 
 import ssmax
 from ssmax import pallas as ssmax_pallas
-from ssmax.pallas import fused_scan
-import scan_oracle as oracle
-from conftest import fresh_seed
+from ssmax.pallas import selective_scan_triton as fused_scan
+import oracle
+import seeds
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -85,7 +85,7 @@ HALF = ("u", "delta", "z", "B", "C")
 def _gradients(case):
   """Pallas gradients (twice) and float64 reference gradients of one loss using y and last_state."""
   b, l, d, n, gb, gc, config, *dtype = GRADIENT_CASES[case]
-  seed = fresh_seed()
+  seed = seeds.draw()
   rng = np.random.default_rng(seed)
   kw = _grouped(oracle.random_inputs(seed, b=b, l=l, d=d, n=n), rng, gb, gc)
   wy = rng.normal(size=(b, l, d)).astype(np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import fresh_seed
+import seeds
 from ssmax import nn as snn
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +198,9 @@ def test_130m_forward_under_jit():
 @pytest.mark.parametrize("gated,backend", [(True, "sequential"), (False, "associative")])
 def test_mixer_matches_numpy_loop(gated, backend):
   d_model, d_state, length = 5, 3, 37
-  m = snn.MambaMixer(d_model, d_state=d_state, d_conv=3, expand=2, dt_rank=2, gated=gated,
-                     scan_backend=backend, rngs=nnx.Rngs(1))
+  config = snn.MambaConfig(d_model=d_model, n_layer=1, d_state=d_state, d_conv=3, expand=2,
+                           dt_rank=2, gated=gated, scan_backend=backend)
+  m = snn.MambaMixer(config, rngs=nnx.Rngs(1))
   perturb(m, 2)
   x = jax.random.normal(jax.random.key(3), (2, length, d_model))
   want = mixer(mixer_params(m), f64(x), d_state=d_state, dt_rank=2, gated=gated)
@@ -266,8 +267,9 @@ def test_block_keeps_residual_in_fp32_with_bf16_compute():
 def test_mixer_init_statistics():
   dt_min, dt_max, floor, n_layer = 0.002, 0.05, 1e-4, 9
   d_model, d_state, d_conv = 48, 7, 3
-  m = snn.MambaMixer(d_model, d_state=d_state, d_conv=d_conv, dt_min=dt_min, dt_max=dt_max,
-                     dt_init_floor=floor, n_layer=n_layer, rngs=nnx.Rngs(14))
+  config = snn.MambaConfig(d_model=d_model, d_state=d_state, d_conv=d_conv, dt_min=dt_min,
+                           dt_max=dt_max, dt_init_floor=floor, n_layer=n_layer)
+  m = snn.MambaMixer(config, rngs=nnx.Rngs(14))
   d_inner, rank = 96, 3
   assert m.dt_rank == rank
   dt = softplus(f64(m.dt_proj.bias[...]))
@@ -293,8 +295,9 @@ def test_mixer_init_statistics():
 
 
 def test_dt_floor_clamps_and_constant_dt_init():
-  m = snn.MambaMixer(48, d_state=7, d_conv=3, dt_min=1e-5, dt_max=2e-5, dt_init_floor=1e-3,
-                     dt_init="constant", dt_scale=2.0, rngs=nnx.Rngs(15))
+  config = snn.MambaConfig(d_model=48, n_layer=1, d_state=7, d_conv=3, dt_min=1e-5, dt_max=2e-5,
+                           dt_init_floor=1e-3, dt_init="constant", dt_scale=2.0)
+  m = snn.MambaMixer(config, rngs=nnx.Rngs(15))
   np.testing.assert_allclose(softplus(f64(m.dt_proj.bias[...])), 1e-3, rtol=1e-4)
   np.testing.assert_allclose(f64(m.dt_proj.kernel[...]), 2.0 / math.sqrt(3), rtol=1e-6)
 
@@ -390,7 +393,7 @@ def test_lm_rejects_bad_tokens(tiny_lm):
 
 
 def test_mixer_rejects_bad_input():
-  m = snn.MambaMixer(5, d_state=3, rngs=nnx.Rngs(24))
+  m = snn.MambaMixer(snn.MambaConfig(d_model=5, n_layer=1, d_state=3), rngs=nnx.Rngs(24))
   with pytest.raises(ValueError, match=r"x must have shape \(\?, \?, 5\)"):
     m(jnp.zeros((1, 4, 6)))
   with pytest.raises(ValueError, match="x must have rank 3"):
@@ -400,7 +403,7 @@ def test_mixer_rejects_bad_input():
   with pytest.raises(ValueError, match=r"state.ssm must have shape \(2, 10, 3\)"):
     m(jnp.zeros((2, 4, 5)), snn.MixerState(jnp.zeros((2, 4, 10)), jnp.zeros((2, 10, 4))))
   with pytest.raises(ValueError, match="d_conv must be a positive integer"):
-    snn.MambaMixer(5, d_conv=0, rngs=nnx.Rngs(0))
+    snn.MambaMixer(snn.MambaConfig(d_model=5, n_layer=1, d_conv=0), rngs=nnx.Rngs(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,8 +494,8 @@ def test_s4_layers_reject_bad_input():
 def test_dense_pads_a_single_row_without_changing_it(shape):
   from ssmax.nn.dense import dense
 
-  layer = nnx.Linear(7, 5, use_bias=True, rngs=nnx.Rngs(fresh_seed()))
-  x = jax.random.normal(jax.random.key(fresh_seed()), shape)
+  layer = nnx.Linear(7, 5, use_bias=True, rngs=nnx.Rngs(seeds.draw()))
+  x = jax.random.normal(jax.random.key(seeds.draw()), shape)
   got = jax.jit(dense)(layer, x)
   assert got.shape == shape[:-1] + (5,)
   np.testing.assert_allclose(got, layer(x), rtol=1e-6, atol=1e-6)

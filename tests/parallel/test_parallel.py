@@ -121,7 +121,7 @@ def _worker(out_dir: str) -> None:
   # The benchmark end to end at tiny sizes (in this process: its compilations are the cost).
   from absl import flags
 
-  from experiments import bench_parallel
+  from benchmarks import bench_parallel
 
   # Without the length search (two more compilations); its logic is tested on its own below.
   flags.FLAGS(["bench_parallel", "--tiny", "--repeats=1", "--nosearch",
@@ -202,8 +202,9 @@ def _layers(out_dir: str) -> dict:
   seq = P(None, "seq")
   out = {}
   layers = {
-      "mixer": lambda axis: snn.MambaMixer(5, d_state=3, d_conv=4, expand=2, sequence_axis=axis,
-                                          scan_backend="sequential", rngs=nnx.Rngs(1)),
+      "mixer": lambda axis: snn.MambaMixer(
+          snn.MambaConfig(d_model=5, n_layer=1, d_state=3, d_conv=4, expand=2, sequence_axis=axis,
+                          scan_backend="sequential"), rngs=nnx.Rngs(1)),
       "s4d": lambda axis: S4DLayer(5, d_state=4, init="lin", sequence_axis=axis,
                                    rngs=nnx.Rngs(1)),
       "s4": lambda axis: S4Layer(5, d_state=4, sequence_axis=axis, rngs=nnx.Rngs(1)),
@@ -243,11 +244,11 @@ def _layers(out_dir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-  from conftest import fresh_seed
-  from scan_oracle import random_inputs
+  import seeds
+  from oracle import random_inputs
 
   out = tmp_path_factory.mktemp("parallel")
-  seed = fresh_seed()
+  seed = seeds.draw()
   inputs = {}
   for i, (case, (_, kw, _, _)) in enumerate(SCAN_CASES.items()):
     data = random_inputs(seed + i, **kw)
@@ -273,7 +274,7 @@ def worker(tmp_path_factory):
 
 
 def _rel(got, want) -> float:
-  from scan_oracle import rel_err
+  from oracle import rel_err
 
   return rel_err(got, want)
 
@@ -285,7 +286,7 @@ def _scan_params():
 
 @pytest.mark.parametrize("case,backend", _scan_params())
 def test_sequence_parallel_scan_matches_float64_loop(worker, case, backend):
-  from scan_oracle import numpy_scan
+  from oracle import numpy_scan
 
   inputs, results, _ = worker
   kw = {k: inputs[case][k] for k in SCAN_NAMES}
@@ -315,7 +316,7 @@ def _float64_gradients(case, data):
   if case not in _GRADS64:
     import jax
     import jax.numpy as jnp
-    from scan_oracle import jax64_scan
+    from oracle import jax64_scan
 
     with jax.enable_x64(True):
       def loss(*args):
@@ -437,7 +438,7 @@ def test_bench_parallel_runs_on_four_cpu_devices(worker):
 
 def test_sequence_axis_outside_shard_map_is_an_error():
   import ssmax
-  from scan_oracle import random_inputs
+  from oracle import random_inputs
 
   kw = random_inputs(0, b=1, l=8, d=5, n=3)
   with pytest.raises(ValueError, match=r"sequence_axis='seq' is not an axis bound here"):
@@ -446,7 +447,7 @@ def test_sequence_axis_outside_shard_map_is_an_error():
 
 def test_sequence_axis_must_be_a_name():
   import ssmax
-  from scan_oracle import random_inputs
+  from oracle import random_inputs
 
   kw = random_inputs(0, b=1, l=8, d=5, n=3)
   with pytest.raises(ValueError, match=r"sequence_axis must be a mesh axis name \(str\) or None; "
@@ -465,7 +466,7 @@ def test_collective_outside_shard_map_is_an_error():
 
 def test_mesh_argument_must_be_a_mesh():
   from ssmax import parallel
-  from scan_oracle import random_inputs
+  from oracle import random_inputs
 
   kw = random_inputs(0, b=1, l=8, d=5, n=3)
   with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh; got str"):

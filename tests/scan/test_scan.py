@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ssmax
-from scan_oracle import jax64_scan, numpy_scan, random_inputs, rel_err
+from oracle import jax64_scan, numpy_scan, random_inputs, rel_err
 
 BACKENDS = ["sequential", "associative"]
 

@@ -8,8 +8,8 @@ import pytest
 
 import ssmax
 from ssmax import pallas as ssmax_pallas
-import scan_oracle as oracle
-from conftest import fresh_seed
+import oracle
+import seeds
 
 
 def step_inputs(seed, b=3, d=37, n=5, rank=None, groups=None, dtype=np.float32, complex_a=False):
@@ -47,7 +47,7 @@ def call(one, backend, **overrides):
                                   dict(d=40, n=16, rank=1), dict(b=1, d=5, n=1)],
                          ids=["full_delta", "low_rank", "groups", "n16_masked", "tiny"])
 def test_step_matches_float64_oracle(backend, case):
-  one = step_inputs(fresh_seed(), **case)
+  one = step_inputs(seeds.draw(), **case)
   want_y, want_h = oracle_step(one)
   y, h = call(one, backend)
   assert y.dtype == jnp.float32 and h.dtype == jnp.float32 and h.shape == want_h.shape
@@ -57,7 +57,7 @@ def test_step_matches_float64_oracle(backend, case):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_kernel_step_half_precision(dtype):
-  one = step_inputs(fresh_seed(), d=33, n=16, rank=4, dtype=dtype)
+  one = step_inputs(seeds.draw(), d=33, n=16, rank=4, dtype=dtype)
   want_y, want_h = oracle_step(one)
   y, h = call(one, "pallas")
   assert y.dtype == dtype and h.dtype == jnp.float32
@@ -68,7 +68,7 @@ def test_kernel_step_half_precision(dtype):
 
 
 def test_optional_inputs_absent():
-  one = step_inputs(fresh_seed(), d=7, n=3)
+  one = step_inputs(seeds.draw(), d=7, n=3)
   for k in ("D", "z", "delta_bias"):
     one[k] = None
   y, h = call(one, "pallas", delta_softplus=False)
@@ -78,7 +78,7 @@ def test_optional_inputs_absent():
 
 def test_steps_chain_to_the_scan():
   """Seven steps, state carried, equal one selective_scan over length seven."""
-  seed = fresh_seed()
+  seed = seeds.draw()
   kw = oracle.random_inputs(seed, b=2, l=7, d=9, n=4, groups=3)
   j = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
   want_y, want_h = ssmax.selective_scan(**j, return_last_state=True, backend="sequential")
@@ -94,7 +94,7 @@ def test_steps_chain_to_the_scan():
 
 
 def test_complex_a_plain_step_and_auto_fallback():
-  one = step_inputs(fresh_seed(), d=6, n=3, complex_a=True)
+  one = step_inputs(seeds.draw(), d=6, n=3, complex_a=True)
   want_y, want_h = oracle_step(one)
   for backend in ("sequential", "auto"):  # auto falls back to plain JAX for complex A
     y, h = call(one, backend)
@@ -105,7 +105,7 @@ def test_complex_a_plain_step_and_auto_fallback():
 
 
 def test_kernel_step_gradients_equal_plain_gradients():
-  one = step_inputs(fresh_seed(), d=11, n=4, rank=3)
+  one = step_inputs(seeds.draw(), d=11, n=4, rank=3)
 
   def loss(backend, state, u, delta, proj):
     y, h = ssmax.selective_state_update(state, u, delta, one["A"], one["B"], one["C"], one["D"],
@@ -129,7 +129,7 @@ def test_kernel_step_gradients_equal_plain_gradients():
 @pytest.mark.parametrize("config", [ssmax_pallas.StepConfig(block_channels=8, num_warps=1),
                                     ssmax_pallas.StepConfig(block_channels=128)])
 def test_kernel_step_configs(config):
-  one = step_inputs(fresh_seed(), d=37, n=5, rank=3)
+  one = step_inputs(seeds.draw(), d=37, n=5, rank=3)
   want_y, want_h = oracle_step(one)
   kw = {k: jnp.asarray(v) for k, v in one.items() if isinstance(v, np.ndarray)}
   g = lambda m: m[:, None]
@@ -147,8 +147,11 @@ def test_step_errors_name_the_argument():
     call(one, "auto", delta=jnp.ones((3, 4)))
   with pytest.raises(ValueError, match="u must have rank 2"):
     call(one, "auto", u=jnp.ones((3, 1, 8)))
-  with pytest.raises(ValueError, match="initial_state must have shape"):
+  # The step's own argument names, not those of the scan it is checked as.
+  with pytest.raises(ValueError, match=r"^state must have shape \(3, 8, 3\)"):
     call(one, "auto", initial_state=jnp.ones((3, 8, 4)))
+  with pytest.raises(ValueError, match=r"z must have shape .* \(batch, channels\), like u"):
+    call(one, "auto", z=jnp.ones((3, 7)))
   with pytest.raises(ValueError, match="B must have rank 2 or 3"):
     call(one, "auto", B=jnp.ones((3,)))
   with pytest.raises(ValueError, match="backend must be one of"):

@@ -1,0 +1,12 @@
+"""The selective scan: the public function (:mod:`.api`), its checked inputs (:mod:`.inputs`), the
+backends and the resolution of ``"auto"`` (:mod:`.dispatch`), the plain-JAX reference backends
+(:mod:`.reference`), sequence parallelism (:mod:`.sequence_parallel`) and one decoding step
+(:mod:`.step`)."""
+
+from ssmax.scan.api import selective_scan
+from ssmax.scan.dispatch import BACKENDS, Backend
+from ssmax.scan.inputs import ScanInputs, check_inputs
+from ssmax.scan.step import selective_state_update
+
+__all__ = ["BACKENDS", "Backend", "ScanInputs", "check_inputs", "selective_scan",
+           "selective_state_update"]

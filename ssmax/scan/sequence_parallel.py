@@ -1,0 +1,66 @@
+"""Sequence parallelism: the scan of a length split into contiguous shards along a mesh axis.
+
+The recurrence is linear in the state, so shard ``i`` scans its piece from zero and adds the
+contribution of the state ``h_in`` entering it afterwards::
+
+    y_t += Re(C_t · exp(A Σ_{s<=t} Δ_s) h_in) * SiLU(z_t)       (t local to the shard)
+
+``h_in`` comes from an exclusive scan over the shards of ``(exp(A ΣΔ), last state)`` pairs
+(:func:`ssmax.sharding.pass_state`: one ``all_gather`` of ``(batch, channels, state)`` per shard).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ssmax import sharding
+from ssmax.scan import dispatch, reference
+from ssmax.scan.inputs import ScanInputs
+
+
+def check_axis(axis) -> None:
+  """A ValueError unless ``axis`` names a mesh axis bound by an enclosing ``shard_map``."""
+  if not isinstance(axis, str):
+    raise ValueError(f"sequence_axis must be a mesh axis name (str) or None; got {axis!r}")
+  try:
+    lax.axis_size(axis)
+  except NameError:
+    raise ValueError(
+        f"sequence_axis={axis!r} is not an axis bound here: call selective_scan(..., "
+        f"sequence_axis={axis!r}) inside jax.shard_map over a mesh with that axis, or use "
+        "ssmax.parallel.selective_scan with global arrays") from None
+
+
+def scan(backend: dispatch.Backend, x: ScanInputs, axis: str):
+  """This shard's ``y`` (float32) and the global last state, for inputs sharded along ``axis``.
+
+  Rematerialised: the backward pass reruns the shard's scan and keeps only the inputs, since this
+  mode exists for sequences too long to hold more. (It also keeps zero-size intermediates of
+  ``lax.associative_scan`` from becoming residuals across ``shard_map``, which XLA's Shardy
+  partitioner in jax 0.11.2 crashes on.)
+  """
+  return jax.checkpoint(lambda x: _scan(backend, x, axis))(x)
+
+
+def _scan(backend: dispatch.Backend, x: ScanInputs, axis: str):
+  cdt, cplx = reference.compute_dtypes(x)
+  b, l, d = x.u.shape
+  A = x.A.astype(cdt)
+  # 1. Scan the local piece from zero state; the backend keeps its own fusion of D and the gate.
+  y, h_local = dispatch.run(backend, x.replace(initial_state=None))
+  y = y.astype(jnp.float32)
+  h_local = h_local.astype(cdt)
+  # 2. The state entering this shard, from every shard's total decay exp(A ΣΔ) and last state.
+  dt_cum = jnp.cumsum(reference.delta(x), axis=1)  # (b, l, d)
+  decay_total = jnp.exp(dt_cum[:, -1, :, None] * A)  # (b, d, n)
+  h_in, h_last = sharding.pass_state(decay_total, h_local, axis, x.initial_state)
+  # 3. Correction y_t += Re(C_t · exp(A cumΔ_t) h_in), gated like y; C grouped over channels.
+  g = x.C.shape[2]
+  carried = (jnp.exp(dt_cum[..., None] * A) * h_in[:, None]).reshape(b, l, g, d // g, -1)
+  corr = jnp.sum(carried * x.C.astype(cdt)[:, :, :, None, :], axis=-1).reshape(b, l, d)
+  corr = 2.0 * jnp.real(corr) if cplx else corr
+  if x.z is not None:
+    corr = corr * jax.nn.silu(x.z.astype(jnp.float32))
+  return y + corr, h_last
