@@ -1,8 +1,8 @@
 r"""Sequence- and data-parallel speed and reach: one device against N.
 
-    python -m experiments.bench_parallel                   # all visible GPUs, 130M model
+    python -m benchmarks.bench_parallel                   # all visible GPUs, 130M model
     XLA_FLAGS=--xla_force_host_platform_device_count=4 \
-      python -m experiments.bench_parallel --tiny          # CPU smoke run, seconds
+      python -m benchmarks.bench_parallel --tiny          # CPU smoke run, seconds
 
 Three measurements, each on 1 device and on N (``--devices``, default all):
 
@@ -17,16 +17,13 @@ Three measurements, each on 1 device and on N (``--devices``, default all):
    ``--search_granularity`` tokens; on one device and sequence-parallel on N.
 
 Times are medians of ``--repeats`` runs after a warm-up (compilation excluded). Prints Markdown
-tables and writes ``--out`` (JSON).
+tables and writes ``results/bench_parallel/<date>_<device>/bench_parallel.{json,md,log}`` (see
+:mod:`benchmarks.harness`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import statistics
-import time
-from pathlib import Path
 from typing import Callable
 
 import jax
@@ -37,6 +34,8 @@ from absl import app, flags
 from flax import nnx
 
 import ssmax
+from benchmarks import harness
+from benchmarks.lm_sizes import build, mamba_config, vocab_size
 from experiments import plotting
 from ssmax import nn as snn
 from ssmax import parallel
@@ -60,10 +59,7 @@ flags.DEFINE_integer("search_start", None, "First length tried; default 8192 (ti
 flags.DEFINE_integer("search_max", None, "Longest length tried; default 1048576 (tiny: 32).")
 flags.DEFINE_integer("search_granularity", None, "Bisection stops at this many tokens; default "
                      "4096 (tiny: 16). A multiple of N.")
-flags.DEFINE_string("out", "runs/bench_parallel.json", "JSON output path.")
-
-MODEL_130M = dict(d_model=768, n_layer=24, vocab_size=50277)
-MODEL_TINY = dict(d_model=16, n_layer=1, vocab_size=37, d_state=4)
+harness.define_flags(flags)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +67,7 @@ class Settings:
   scan_shape: tuple[int, int, int, int]
   train_batch: int
   train_length: int
-  model: dict
+  size: str  # of benchmarks.lm_sizes
   search_start: int
   search_max: int
   search_granularity: int
@@ -84,25 +80,14 @@ def settings() -> Settings:
   if len(shape) != 4:
     raise app.UsageError(f"--scan_shape needs batch,length,d_inner,d_state; got {shape}")
   return Settings(tuple(int(s) for s in shape), pick(FLAGS.train_batch, 8, 4),
-                  pick(FLAGS.train_length, 2048, 32), MODEL_TINY if tiny else MODEL_130M,
+                  pick(FLAGS.train_length, 2048, 32), "tiny" if tiny else "130m",
                   pick(FLAGS.search_start, 8192, 16), pick(FLAGS.search_max, 1 << 20, 32),
                   pick(FLAGS.search_granularity, 4096, 16))
 
 
-def timed(fn, *args, repeats: int) -> float:
-  """Median wall time of ``fn(*args)`` in ms, after one warm-up call (which compiles)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(1e3 * (time.perf_counter() - t))
-  return statistics.median(times)
-
-
-def is_oom(err: Exception) -> bool:
-  text = str(err)
-  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+def timed_ms(fn, *args, repeats: int) -> float:
+  """Median ms of ``fn(*args)`` after two warm-up calls (the first compiles)."""
+  return 1e3 * harness.median_seconds(lambda: fn(*args), repeats=repeats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,8 +128,8 @@ def bench_scan(s: Settings, n: int, dtype) -> list[dict]:
       placed = dict(parallel.shard_batch(mesh, along_length, data_axis=None),
                     **parallel.replicate(mesh, {k: arrays[k] for k in ("A", "D", "delta_bias")}))
     rows.append(dict(devices=devices, mesh=f"seq={devices}",
-                     fwd_ms=timed(fwd, placed, repeats=FLAGS.repeats),
-                     fwd_bwd_ms=timed(fwd_bwd, placed, repeats=FLAGS.repeats)))
+                     fwd_ms=timed_ms(fwd, placed, repeats=FLAGS.repeats),
+                     fwd_bwd_ms=timed_ms(fwd_bwd, placed, repeats=FLAGS.repeats)))
   return rows
 
 
@@ -152,9 +137,8 @@ def bench_scan(s: Settings, n: int, dtype) -> list[dict]:
 # 2. The training step.
 
 
-def make_train_step(config: snn.MambaConfig, mesh, data_axis, sequence_axis, n_tokens: int):
-  """A jitted AdamW step of MambaLM on ``mesh`` and its initial (params, opt_state)."""
-  model = snn.MambaLM(config, rngs=nnx.Rngs(0))
+def make_train_step(model: snn.MambaLM, mesh, data_axis, sequence_axis, n_tokens: int):
+  """A jitted AdamW step of ``model`` on ``mesh`` and its initial (params, opt_state)."""
   graphdef, params = nnx.split(model)
   optimizer = optax.adamw(3e-4)
   params = parallel.replicate(mesh, params)
@@ -176,14 +160,9 @@ def make_train_step(config: snn.MambaConfig, mesh, data_axis, sequence_axis, n_t
   return step, params, opt_state
 
 
-def model_config(s: Settings, dtype, sequence_axis):
-  return snn.MambaConfig(**s.model, scan_backend=FLAGS.backend, dtype=dtype,
-                         sequence_axis=sequence_axis)
-
-
 def train_batch(s: Settings, mesh, batch: int, length: int, data_axis, sequence_axis):
   rng = np.random.default_rng(0)
-  tokens = rng.integers(0, s.model["vocab_size"], (batch, length + 1)).astype(np.int32)
+  tokens = rng.integers(0, vocab_size(s.size), (batch, length + 1)).astype(np.int32)
   return parallel.shard_batch(mesh, (tokens[:, :-1], tokens[:, 1:]), data_axis=data_axis,
                               sequence_axis=sequence_axis)
 
@@ -193,8 +172,9 @@ def run_train(s: Settings, devices: int, mode: str, batch: int, length: int, dty
   """Median ms of a training step; ``mode`` is ``"data"`` or ``"seq"`` (the split axis)."""
   mesh = parallel.make_mesh(devices, 1) if mode == "data" else parallel.make_mesh(1, devices)
   sequence_axis = "seq" if mode == "seq" else None
-  step, params, opt_state = make_train_step(model_config(s, dtype, sequence_axis), mesh, "data",
-                                            sequence_axis, batch * length)
+  model = build("mamba", s.size, dtype=dtype, scan_backend=FLAGS.backend,
+                sequence_axis=sequence_axis)
+  step, params, opt_state = make_train_step(model, mesh, "data", sequence_axis, batch * length)
   tokens, targets = train_batch(s, mesh, batch, length, "data", sequence_axis)
   state = [params, opt_state]
 
@@ -202,7 +182,7 @@ def run_train(s: Settings, devices: int, mode: str, batch: int, length: int, dty
     state[0], state[1], loss = step(state[0], state[1], tokens, targets)
     return loss
 
-  return timed(run, repeats=repeats)
+  return timed_ms(run, repeats=repeats)
 
 
 def bench_train(s: Settings, n: int, dtype) -> list[dict]:
@@ -225,7 +205,7 @@ def fits(s: Settings, devices: int, length: int, dtype) -> bool:
     run_train(s, devices, "data" if devices == 1 else "seq", 1, length, dtype, repeats=1)
     return True
   except jax.errors.JaxRuntimeError as err:
-    if not is_oom(err):
+    if not harness.is_oom(err):
       raise
     return False
   finally:
@@ -276,7 +256,6 @@ def main(argv):
     raise app.UsageError(f"--train_batch must be a multiple of N={n}; got {s.train_batch}")
   dtype = jnp.dtype(FLAGS.dtype)
   device = f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform})"
-  b, l, d, st = s.scan_shape
 
   scan_rows = bench_scan(s, n, dtype)
   train_rows = bench_train(s, n, dtype)
@@ -287,36 +266,45 @@ def main(argv):
                         s.search_max, s.search_granularity)
       fit_rows.append(dict(devices=k, **fit))
 
-  base_scan, base_train = scan_rows[0], train_rows[0]
-  print(f"\nSelective scan, (batch, length, d_inner, d_state) = ({b}, {l}, {d}, {st}), "
-        f"{FLAGS.dtype}, backend {FLAGS.backend}; {device}\n")
-  print(plotting.markdown_table(
-      ["devices", "mesh", "fwd (ms)", "fwd+bwd (ms)", "speed-up fwd", "speed-up fwd+bwd"],
-      [[r["devices"], r["mesh"], f"{r['fwd_ms']:.3f}", f"{r['fwd_bwd_ms']:.3f}",
-        f"{base_scan['fwd_ms'] / r['fwd_ms']:.2f}x",
-        f"{base_scan['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x"]
-       for r in scan_rows]))
-  print(f"\nMambaLM training step (AdamW), {s.model}, global batch {s.train_batch} x "
-        f"{s.train_length} tokens, {FLAGS.dtype}\n")
-  print(plotting.markdown_table(
-      ["devices", "mesh", "step (ms)", "tokens/s", "speed-up"],
-      [[r["devices"], r["mesh"], f"{r['step_ms']:.2f}", f"{r['tokens_per_s']:,.0f}",
-        f"{base_train['step_ms'] / r['step_ms']:.2f}x"] for r in train_rows]))
-  if fit_rows:
-    print(f"\nLongest training sequence at batch 1 (sequence-parallel on N; doubling from "
-          f"{s.search_start}, bisecting to {s.search_granularity}, cap {s.search_max})\n")
-    print(plotting.markdown_table(
-        ["devices", "longest that fits", "first that failed"],
-        [[r["devices"], r["longest"], "none up to the cap" if r["capped"] else r["first_failure"]]
-         for r in fit_rows]))
+  bench = harness.Run("bench_parallel", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
+                      tag=FLAGS.tag, current=FLAGS.current,
+                      device=f"{harness.device_slug()}x{jax.device_count()}", meta=dict(
+                          device=device, device_count=jax.device_count(), n=n,
+                          backend=FLAGS.backend, dtype=FLAGS.dtype, tiny=FLAGS.tiny,
+                          repeats=FLAGS.repeats, settings=dataclasses.asdict(s), scan=scan_rows,
+                          train=train_rows, longest_fit=fit_rows))
+  text = tables(bench.record)
+  bench.save(text)
+  bench.log(text + f"\n\nwrote {bench.dir}")
+  bench.finish()
 
-  out = Path(FLAGS.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(dict(
-      device=device, device_count=jax.device_count(), n=n, backend=FLAGS.backend,
-      dtype=FLAGS.dtype, tiny=FLAGS.tiny, repeats=FLAGS.repeats, settings=dataclasses.asdict(s),
-      scan=scan_rows, train=train_rows, longest_fit=fit_rows), indent=2))
-  print(f"\nwrote {out}")
+
+def tables(r: dict) -> str:
+  s = Settings(**r["settings"])
+  scan_rows, train_rows, fit_rows = r["scan"], r["train"], r["longest_fit"]
+  base_scan, base_train = scan_rows[0], train_rows[0]
+  b, l, d, st = s.scan_shape
+  parts = [f"Selective scan, (batch, length, d_inner, d_state) = ({b}, {l}, {d}, {st}), "
+           f"{r['dtype']}, backend {r['backend']}; {r['device']}\n"]
+  parts.append(plotting.markdown_table(
+      ["devices", "mesh", "fwd (ms)", "fwd+bwd (ms)", "speed-up fwd", "speed-up fwd+bwd"],
+      [[x["devices"], x["mesh"], f"{x['fwd_ms']:.3f}", f"{x['fwd_bwd_ms']:.3f}",
+        f"{base_scan['fwd_ms'] / x['fwd_ms']:.2f}x",
+        f"{base_scan['fwd_bwd_ms'] / x['fwd_bwd_ms']:.2f}x"] for x in scan_rows]))
+  parts.append(f"\nMambaLM training step (AdamW), {s.size}, global batch {s.train_batch} x "
+               f"{s.train_length} tokens, {r['dtype']}\n")
+  parts.append(plotting.markdown_table(
+      ["devices", "mesh", "step (ms)", "tokens/s", "speed-up"],
+      [[x["devices"], x["mesh"], f"{x['step_ms']:.2f}", f"{x['tokens_per_s']:,.0f}",
+        f"{base_train['step_ms'] / x['step_ms']:.2f}x"] for x in train_rows]))
+  if fit_rows:
+    parts.append(f"\nLongest training sequence at batch 1 (sequence-parallel on N; doubling from "
+                 f"{s.search_start}, bisecting to {s.search_granularity}, cap {s.search_max})\n")
+    parts.append(plotting.markdown_table(
+        ["devices", "longest that fits", "first that failed"],
+        [[x["devices"], x["longest"], "none up to the cap" if x["capped"] else x["first_failure"]]
+         for x in fit_rows]))
+  return "\n".join(parts)
 
 
 if __name__ == "__main__":
