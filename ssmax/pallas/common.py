@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E); the GPU's fast exponential is base 2
@@ -19,3 +20,22 @@ def dtype_reason(**arrays) -> str | None:
     if x is not None and jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
       return f"{name} has dtype {x.dtype}; the fused kernels take float32, bfloat16 or float16"
   return None
+
+
+def typed_like(out_shape, *inputs):
+  """``out_shape`` (a pytree of ``jax.ShapeDtypeStruct``) varying along every mesh axis that one of
+  ``inputs`` varies along, and ``inputs`` made to vary along all of them too: inside
+  ``jax.shard_map`` a kernel's outputs must say how they vary, and its inputs must agree."""
+  varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs if x is not None))
+  if not varying:
+    return out_shape, inputs
+  mat = jax.sharding.ManualAxisType(varying=varying)
+  out_shape = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat), out_shape)
+
+  def vary(x):
+    missing = tuple(varying - jax.typeof(x).mat.varying)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return out_shape, tuple(None if x is None else vary(x) for x in inputs)
+

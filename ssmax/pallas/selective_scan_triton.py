@@ -55,6 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ssmax.pallas.common import LOG2E as _LOG2E, MAX_STATE, dtype_reason, next_pow2 as _next_pow2
+from ssmax.pallas.common import typed_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,6 +498,7 @@ def _inputs(p: _Plan, u, delta, at, B, C, D, z, bias):
 
 
 def _call(kernel, p: _Plan, out_shape, *args):
+  out_shape, args = typed_like(out_shape, *args)
   return pl.pallas_call(
       functools.partial(kernel, p=p),
       out_shape=out_shape,
