@@ -107,28 +107,6 @@ def build_call(backend, kw, mode, config=None):
   return (lambda: compiled(*args)), harness.compiled_peak_bytes(compiled), compile_s
 
 
-def parse_value(text: str):
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(text.lower(), text)
-
-
-def parse_configs(spec: str) -> list[tuple[str, dict]]:
-  """``"c8:chunk=8;w4:bwd_num_warps=4"`` -> ``[("c8", {"chunk": 8}), ("w4", {...})]``."""
-  out = []
-  for item in filter(None, (s.strip() for s in spec.split(";"))):
-    name, _, body = item.partition(":")
-    kv = {}
-    for pair in filter(None, body.split(",")):
-      k, _, v = pair.partition("=")
-      kv[k.strip()] = parse_value(v.strip())
-    out.append((name.strip(), kv))
-  return out
-
-
 def measure(shape, backend, mode, kw, config=None) -> dict:
   b, l, d, n = SHAPES[shape]
   call, peak, compile_s = build_call(backend, kw, mode, config)
@@ -157,7 +135,7 @@ def main(argv):
   bench.log(f"copy bandwidth {bw:.0f} GB/s (read + write)")
   rows = report["rows"] = []
   cells = [(s, be, be, None, FLAGS.modes) for s in FLAGS.shapes for be in FLAGS.backends]
-  for name, kv in parse_configs(FLAGS.configs):
+  for name, kv in harness.parse_configs(FLAGS.configs):
     cells += [(s, "pallas", f"pallas[{name}]", kv, FLAGS.config_modes or FLAGS.modes)
               for s in (FLAGS.config_shapes or FLAGS.shapes)]
   for shape, backend, label, kv, modes in cells:

@@ -258,6 +258,30 @@ def load_current(benchmark: str, results_dir=RESULTS_ROOT) -> dict[str, dict]:
   return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
+def parse_configs(spec: str) -> list[tuple[str, dict]]:
+  """Named keyword sets from the command line: ``"c8:chunk=8;w4:bwd_num_warps=4,layout=tile"`` ->
+  ``[("c8", {"chunk": 8}), ("w4", {"bwd_num_warps": 4, "layout": "tile"})]``. Values become int,
+  float or bool where they read as one, else stay strings."""
+  out = []
+  for item in filter(None, (s.strip() for s in spec.split(";"))):
+    name, _, body = item.partition(":")
+    kv = {}
+    for pair in filter(None, body.split(",")):
+      k, _, v = pair.partition("=")
+      kv[k.strip()] = _parse_value(v.strip())
+    out.append((name.strip(), kv))
+  return out
+
+
+def _parse_value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(text.lower(), text)
+
+
 @dataclasses.dataclass
 class Deadline:
   """After ``minutes`` (``None``: never), :meth:`passed` is true: start no new configuration."""

@@ -1,0 +1,22 @@
+"""bench_scan end to end (``--tiny``, CPU): the pure-JAX backends time, and a kernel config that
+cannot run becomes an error row instead of ending the sweep."""
+
+import math
+
+
+def test_bench_scan_tiny(run_script):
+  _, run_dir, report = run_script("benchmarks.bench_scan", "--backends=associative,sequential",
+                                  "--configs=bad:no_such_field=1", "--config_modes=fwd")
+  rows = {(r["backend"], r["mode"]): r for r in report["rows"]}
+  assert set(rows) == {(b, m) for b in ("associative", "sequential") for m in ("fwd", "fwdbwd")} | {
+      ("pallas[bad]", "fwd")}
+  for be in ("associative", "sequential"):
+    for mode in ("fwd", "fwdbwd"):
+      r = rows[be, mode]
+      assert r["status"] == "ok" and r["error"] is None and r["ms"] > 0
+      assert math.isclose(r["frac_copy"], r["GBps"] / report["copy_GBps"])
+  bad = rows["pallas[bad]", "fwd"]
+  assert bad["status"].startswith("error: TypeError") and "no_such_field" in bad["status"]
+  assert bad["config"] == {"no_such_field": 1}
+  table = (run_dir / "bench_scan.md").read_text()
+  assert "| tiny | associative |" in table and "| tiny | pallas[bad] |" in table

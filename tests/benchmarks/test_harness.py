@@ -1,0 +1,110 @@
+"""The shared harness: timing arithmetic, failures as rows, run folders and the index."""
+
+import datetime
+import json
+
+import pytest
+
+from benchmarks import harness
+
+
+def test_median_seconds_calls_warmup_then_repeats_times_inner():
+  calls = []
+  harness.median_seconds(lambda: calls.append(1) or 0, repeats=4, warmup=3, inner=5)
+  assert len(calls) == 3 + 4 * 5
+
+
+def test_median_seconds_budget_cuts_slow_calls_to_three_measurements():
+  calls = []
+
+  def slow():
+    calls.append(1)
+    for _ in range(10**6):  # ~tens of ms in pure Python
+      pass
+    return 0
+
+  harness.median_seconds(slow, repeats=100, warmup=1, inner=5, budget_s=1e-3)
+  assert len(calls) == 1 + 3
+
+
+def test_is_oom_and_attempt():
+  assert harness.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
+  assert not harness.is_oom(ValueError("bad shape"))
+
+  def oom():
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+  def broken():
+    raise ValueError("x" * 1000)
+
+  logged = []
+  assert harness.attempt(lambda: {"ms": 1.0}) == {"status": "ok", "ms": 1.0}
+  assert harness.attempt(oom, logged.append) == {"status": "OOM"}
+  assert not logged  # an OOM is an expected outcome, no traceback
+  status = harness.attempt(broken, logged.append)["status"]
+  assert status.startswith("error: ValueError: xxx") and len(status) < 330
+  assert "Traceback" in logged[0]
+
+
+def test_parse_configs():
+  assert harness.parse_configs("c8:chunk=8; w:bwd_num_warps=4,layout=tile,reload=false,x=0.5;") == [
+      ("c8", {"chunk": 8}), ("w", {"bwd_num_warps": 4, "layout": "tile", "reload": False, "x": 0.5})]
+  assert harness.parse_configs("") == []
+
+
+def test_runs_go_to_dated_device_folders_and_the_index_names_the_current(tmp_path, monkeypatch):
+  monkeypatch.setattr("sys.argv", ["bench_x.py", "--flag=1"])
+  today = datetime.date.today().isoformat()
+  first = harness.Run("bench_x", results_dir=tmp_path, device="h100", meta={"device": "H100"})
+  first.record["rows"] = [{"a": 1}]
+  first.log("hello")
+  first.save("| a |", plot=lambda record, path: path.write_bytes(b"png"))
+  assert first.finish("first run") == tmp_path / "bench_x" / f"{today}_h100"
+  assert first.path(".json").exists() and first.path(".png").read_bytes() == b"png"
+  assert (first.dir / "bench_x.log").read_text() == "hello\n"
+  assert "python -m benchmarks.bench_x --flag=1" in (first.dir / "README.md").read_text()
+
+  second = harness.Run("bench_x", results_dir=tmp_path, device="h100", tag="rerun")
+  second.save()
+  second.finish()
+  third = harness.Run("bench_x", results_dir=tmp_path, device="h100")  # same day: a new folder
+  third.save()
+  third.finish()
+  assert third.dir.name == f"{today}_h100_2"
+
+  index = json.loads((tmp_path / "bench_x" / "INDEX.json").read_text())
+  assert [r["run"] for r in index["runs"]] == [f"{today}_h100", f"{today}_h100_rerun",
+                                               f"{today}_h100_2"]
+  assert index["current"] == f"{today}_h100"  # only the first, or one asked for, becomes current
+  assert harness.load_current("bench_x", tmp_path) == {"bench_x": {
+      **first.record, "rows": [{"a": 1}]}}
+
+  fourth = harness.Run("bench_x", results_dir=tmp_path, device="h100", current=True)
+  fourth.save()
+  fourth.finish()
+  assert harness.current_run("bench_x", tmp_path) == fourth.dir
+
+
+def test_out_dir_is_not_indexed(tmp_path):
+  run = harness.Run("bench_y", out_dir=tmp_path / "here")
+  run.save("t")
+  run.finish()
+  assert (tmp_path / "here" / "bench_y.md").read_text() == "t\n"
+  assert harness.current_run("bench_y", tmp_path) is None
+  assert harness.load_current("bench_y", tmp_path) == {}
+
+
+@pytest.mark.parametrize("benchmark", ["bench_scan", "bench_generate", "bench_train",
+                                       "profile_decode", "induction_heads"])
+def test_the_committed_results_have_a_current_run(benchmark):
+  folder = harness.current_run(benchmark)
+  assert folder is not None and folder.is_dir() and (folder / "README.md").is_file()
+  assert harness.load_current(benchmark)
+
+
+@pytest.mark.parametrize("platform,kind,slug", [
+    ("gpu", "NVIDIA H100 80GB HBM3", "h100"), ("gpu", "NVIDIA A100-SXM4-40GB", "a100"),
+    ("cpu", "cpu", "cpu")])
+def test_device_slug(platform, kind, slug):
+  device = type("Device", (), dict(platform=platform, device_kind=kind))()
+  assert harness.device_slug(device) == slug
