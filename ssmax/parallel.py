@@ -134,7 +134,7 @@ def replicate(mesh: Mesh, tree):
 def selective_scan(mesh: Mesh, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, initial_state=None, return_last_state=False,
                    backend="auto", *, data_axis: str | None = DATA_AXIS,
-                   sequence_axis: str | None = SEQUENCE_AXIS):
+                   sequence_axis: str | None = SEQUENCE_AXIS, segment_ids=None):
   """:func:`ssmax.selective_scan` on global arrays, batch over ``data_axis`` and length over
   ``sequence_axis`` of ``mesh``.
 
@@ -147,6 +147,9 @@ def selective_scan(mesh: Mesh, u, delta, A, B, C, D=None, z=None, delta_bias=Non
     mesh: a :class:`jax.sharding.Mesh`, e.g. from :func:`make_mesh`.
     data_axis: mesh axis for the batch, or None to replicate the batch.
     sequence_axis: mesh axis for the length, or None for no sequence parallelism.
+    segment_ids: optional ``(batch, length)`` integer ids of packed documents, sharded like
+      ``u``'s first two axes; the semantics of :func:`ssmax.selective_scan` (the state resets
+      where the id changes, across shard edges too).
 
   Returns:
     ``y`` ``(batch, length, channels)`` in ``u.dtype`` sharded like ``u``, or ``(y, last_state)``.
@@ -157,9 +160,11 @@ def selective_scan(mesh: Mesh, u, delta, A, B, C, D=None, z=None, delta_bias=Non
       axis size.
   """
   ssmax_scan.dispatch.parse(backend)
-  ssmax_scan.check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+  ssmax_scan.check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                          segment_ids)
   _check_axes(mesh, data_axis=data_axis, sequence_axis=sequence_axis)
-  for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+  for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z),
+                  ("segment_ids", segment_ids)):
     if x is not None:
       _check_divisible(mesh, name, x, data_axis, sequence_axis)
   if initial_state is not None:
@@ -167,24 +172,26 @@ def selective_scan(mesh: Mesh, u, delta, A, B, C, D=None, z=None, delta_bias=Non
 
   seq_spec = lambda x: P() if x is None else batch_spec(np.ndim(x), data_axis, sequence_axis)
   in_specs = (seq_spec(u), seq_spec(delta), P(), seq_spec(B), seq_spec(C), P(), seq_spec(z), P(),
-              P(data_axis))
+              P(data_axis), seq_spec(segment_ids))
   out_specs = (P(data_axis, sequence_axis), P(data_axis)) if return_last_state else (
       P(data_axis, sequence_axis))
 
-  def local(u, delta, A, B, C, D, z, delta_bias, initial_state):
+  def local(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids):
     return ssmax_scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                      initial_state, return_last_state, backend,
-                                     sequence_axis=sequence_axis)
+                                     sequence_axis=sequence_axis, segment_ids=segment_ids)
 
   if sequence_axis is None:
     # Keep only the inputs for the backward pass, as the sequence-parallel mode does: residuals
     # crossing shard_map include zero-size arrays of lax.associative_scan, on which XLA's Shardy
     # partitioner (jax 0.11.2) crashes.
     local = jax.checkpoint(local)
-  args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+  args = (u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids)
   args = tuple(None if a is None else _place(mesh, jnp.asarray(a), s)
                for a, s in zip(args, in_specs))
-  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+  # Always under jit: eager (op-by-op) differentiation of this shard_map crashes the process with
+  # a segmentation fault on CPU meshes (jax 0.11.2); under an outer jit this jit is inlined.
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs))(*args)
 
 
 def value_and_grad(local_loss: Callable, mesh: Mesh, *, data_axis: str | None = DATA_AXIS,
@@ -228,8 +235,9 @@ def value_and_grad(local_loss: Callable, mesh: Mesh, *, data_axis: str | None = 
       specs.append(batch_spec(np.ndim(x), data_axis, sequence_axis))
     params = jax.tree.map(lambda a: _place(mesh, a, P()), params)
     batch = tuple(_place(mesh, x, s) for x, s in zip(batch, specs))
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), *specs), out_specs=(P(), P()))(
-        params, *batch)
+    # Under jit, as in selective_scan: eager shard_map with differentiation inside can crash.
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), *specs),
+                                 out_specs=(P(), P())))(params, *batch)
 
   return f
 

@@ -13,7 +13,7 @@ from ssmax.scan.inputs import check_inputs
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_last_state=False, backend="auto",
-                   sequence_axis=None):
+                   sequence_axis=None, *, segment_ids=None):
   """Selective scan with the semantics of Mamba's ``selective_scan_ref``, batch-major layout.
 
   Args:
@@ -37,6 +37,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       ``delta_bias`` and ``initial_state`` are the same on every shard of the axis. The result
       is this device's piece of ``y`` and the last state of the whole sequence, identical on all
       shards. See :func:`ssmax.parallel.selective_scan` for the version taking global arrays.
+    segment_ids: optional ``(batch, length)`` integer ids of packed documents (keyword only; under
+      ``sequence_axis`` this shard's piece, like ``u``). See "Packed sequences" below.
 
   Returns:
     ``y`` of shape ``(batch, length, channels)`` in ``u.dtype``; with ``return_last_state`` the pair
@@ -45,10 +47,26 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
   Raises:
     ValueError: on a bad shape, dtype, group count or backend, naming the argument; on a
-      ``sequence_axis`` that is not a string or not bound by an enclosing ``shard_map``.
+      ``sequence_axis`` that is not a string or not bound by an enclosing ``shard_map``; with
+      ``segment_ids`` and ``backend="pallas"`` (the fused kernel does not take them yet; ``"auto"``
+      then runs ``"associative"``).
+
+  Packed sequences:
+    Several documents may share a row: ``segment_ids[b, t]`` names the document of position
+    ``t``, and a new document starts wherever ``segment_ids[b, t] != segment_ids[b, t - 1]`` (only
+    changes matter; ids need not be sorted or distinct between rows). There the state restarts
+    from zero, as if the document were scanned on its own: in the recurrence ``exp(Δ_t A)`` is
+    replaced by 0 at each document's first position. ``initial_state`` is the state before the
+    row's *first* document only, and the returned last state is the state at the end of the row,
+    that is of its last document. The output of every document then equals
+    ``selective_scan`` of that document alone (its gradients too); padding can be packed as one
+    more document. Build ids from document lengths with
+    :func:`ssmax.scan.segment_ids_from_lengths` or :func:`ssmax.scan.segment_ids_from_cu_seqlens`.
+    Under ``sequence_axis`` the boundaries also stop the state passed between shards.
   """
   dispatch.parse(backend)
-  x = check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+  x = check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                   segment_ids)
   if sequence_axis is not None:
     sequence_parallel.check_axis(sequence_axis)
   backend = dispatch.resolve(backend, x, sequence_axis)

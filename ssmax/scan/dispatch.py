@@ -32,6 +32,8 @@ def parse(backend, name: str = "backend") -> Backend:
 
 def kernel_unsupported_reason(x: ScanInputs, sequence_axis=None) -> str | None:
   """Why the fused kernel cannot run the scan of ``x``, or None."""
+  if x.segment_ids is not None:
+    return "segment_ids are not supported by the fused kernel yet"
   from ssmax import pallas  # the kernels layer; imported only when asked about
 
   reason = pallas.unsupported_reason(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from ssmax import _checks
 
@@ -28,13 +29,14 @@ class ScanInputs:
   delta_bias: jax.Array | None  # (channels,)
   initial_state: jax.Array | None  # (batch, channels, state)
   delta_softplus: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  segment_ids: jax.Array | None = None  # (batch, length) integer; the state resets where it changes
 
   def replace(self, **changes) -> "ScanInputs":
     return dataclasses.replace(self, **changes)
 
 
 def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                 initial_state=None) -> ScanInputs:
+                 initial_state=None, segment_ids=None) -> ScanInputs:
   """Checks shapes and dtypes at trace time and returns canonical :class:`ScanInputs`.
 
   Shapes are those of :func:`ssmax.selective_scan`. Raises ``ValueError`` naming the argument.
@@ -79,4 +81,16 @@ def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     _checks.floating("initial_state", initial_state, allow_complex=True)
   if not isinstance(delta_softplus, bool):
     raise ValueError(f"delta_softplus must be a Python bool; got {delta_softplus!r}")
-  return ScanInputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+  if segment_ids is not None:
+    check_segment_ids(segment_ids, (b, l))
+  return ScanInputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                    segment_ids)
+
+
+def check_segment_ids(segment_ids, shape, name: str = "segment_ids") -> None:
+  """A ValueError unless ``segment_ids`` is an integer array of ``shape`` ``(batch, length)``."""
+  _checks.rank(name, segment_ids, 2, "(batch, length)")
+  _checks.shape(name, segment_ids, shape, "(batch, length), like u's first two axes")
+  dtype = _checks.dtype_of(segment_ids)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"{name} must have an integer dtype; got {dtype}")

@@ -8,7 +8,10 @@ reference implementation's ``selective_scan_ref``)::
     y_t    = Re(C_t · h_t) + D u_t                   (2 Re(...) when A is complex, as the reference)
     y_t   *= SiLU(z_t)                               (gate optional)
 
-in float32 (complex64 for complex A). They return ``y`` in float32 and the last state.
+With ``segment_ids`` (packed documents) ``exp(Δ_t A)`` is replaced by 0 wherever a new segment
+starts (:func:`ssmax.scan.segments.resets`), so the state restarts from zero there.
+
+In float32 (complex64 for complex A). They return ``y`` in float32 and the last state.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ssmax.scan import segments
 from ssmax.scan.inputs import ScanInputs
 
 
@@ -37,6 +41,14 @@ def delta(x: ScanInputs) -> jax.Array:
 def expand_groups(m: jax.Array, channels: int) -> jax.Array:
   """``(..., groups, state)`` -> ``(..., channels, state)``, groups split channels contiguously."""
   return jnp.repeat(m, channels // m.shape[-2], axis=-2)
+
+
+def keep(x: ScanInputs) -> jax.Array | None:
+  """``(batch, length)`` float32: 0 where a segment starts (the decay is dropped), else 1; None
+  without ``segment_ids``."""
+  if x.segment_ids is None:
+    return None
+  return jnp.where(segments.resets(x.segment_ids), 0.0, 1.0).astype(jnp.float32)
 
 
 def finish(x: ScanInputs, y: jax.Array, cplx: bool) -> jax.Array:
@@ -64,15 +76,22 @@ def sequential(x: ScanInputs):
                          * expand_groups(x.B[:, 0].astype(cdt), d))
   h0 = zeros if x.initial_state is None else x.initial_state.astype(cdt) + zeros
 
+  k = keep(x)
+  k = jnp.ones(u.shape[:2], jnp.float32) if k is None else k
+
   def step(h, inputs):
-    dt_t, u_t, B_t, C_t = inputs  # (b, d), (b, d), (b, g, n), (b, g, n)
+    dt_t, u_t, B_t, C_t, k_t = inputs  # (b, d), (b, d), (b, g, n), (b, g, n), (b,)
     B_t = expand_groups(B_t.astype(cdt), d)
     C_t = expand_groups(C_t.astype(cdt), d)
-    h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * B_t
+    decay = jnp.exp(dt_t[..., None] * A)
+    if x.segment_ids is not None:
+      decay = decay * k_t[:, None, None]
+    h = decay * h + (dt_t * u_t)[..., None] * B_t
     return h, jnp.sum(h * C_t, axis=-1)
 
   time_major = lambda a: jnp.moveaxis(a, 1, 0)
-  last, y = lax.scan(step, h0, (time_major(dt), time_major(u), time_major(x.B), time_major(x.C)))
+  last, y = lax.scan(step, h0, (time_major(dt), time_major(u), time_major(x.B), time_major(x.C),
+                                time_major(k)))
   return finish(x, jnp.moveaxis(y, 0, 1), cplx), last
 
 
@@ -84,6 +103,8 @@ def associative(x: ScanInputs):
   dt = delta(x)
   u = x.u.astype(jnp.float32)
   decay = jnp.exp(dt[..., None] * A)  # (b, l, d, n)
+  if x.segment_ids is not None:
+    decay = decay * keep(x)[..., None, None]
   drive = (dt * u)[..., None] * expand_groups(x.B.astype(cdt), d)
   if x.initial_state is not None:
     drive = drive.at[:, 0].add(decay[:, 0] * x.initial_state.astype(cdt))

@@ -7,6 +7,11 @@ contribution of the state ``h_in`` entering it afterwards::
 
 ``h_in`` comes from an exclusive scan over the shards of ``(exp(A ΣΔ), last state)`` pairs
 (:func:`ssmax.sharding.pass_state`: one ``all_gather`` of ``(batch, channels, state)`` per shard).
+
+With ``segment_ids`` a boundary stops what crosses shards too: each shard learns the last id of the
+shard before it (one ``ppermute``); a shard whose piece holds a boundary (its first position
+included) passes on a total decay of 0, so the state it hands on is its own, started at that
+boundary, and its correction term is zero from its first boundary on.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ssmax import sharding
-from ssmax.scan import dispatch, reference
+from ssmax.scan import dispatch, reference, segments
 from ssmax.scan.inputs import ScanInputs
 
 
@@ -55,10 +60,21 @@ def _scan(backend: dispatch.Backend, x: ScanInputs, axis: str):
   # 2. The state entering this shard, from every shard's total decay exp(A ΣΔ) and last state.
   dt_cum = jnp.cumsum(reference.delta(x), axis=1)  # (b, l, d)
   decay_total = jnp.exp(dt_cum[:, -1, :, None] * A)  # (b, d, n)
+  reach = None  # (b, l) float32: 1 before the shard's first boundary, then 0
+  if x.segment_ids is not None:
+    before = sharding.sequence_halo(x.segment_ids[..., None], 1, axis)[:, 0, 0]
+    first_shard = lax.axis_index(axis) == 0
+    resets = segments.resets(x.segment_ids, before)
+    resets = resets.at[:, 0].set(resets[:, 0] & ~first_shard)  # shard 0: initial_state applies
+    reach = (jnp.cumsum(resets, axis=1) == 0).astype(jnp.float32)
+    decay_total = decay_total * reach[:, -1, None, None]
   h_in, h_last = sharding.pass_state(decay_total, h_local, axis, x.initial_state)
   # 3. Correction y_t += Re(C_t · exp(A cumΔ_t) h_in), gated like y; C grouped over channels.
   g = x.C.shape[2]
-  carried = (jnp.exp(dt_cum[..., None] * A) * h_in[:, None]).reshape(b, l, g, d // g, -1)
+  carried = jnp.exp(dt_cum[..., None] * A) * h_in[:, None]
+  if reach is not None:
+    carried = carried * reach[..., None, None]
+  carried = carried.reshape(b, l, g, d // g, -1)
   corr = jnp.sum(carried * x.C.astype(cdt)[:, :, :, None, :], axis=-1).reshape(b, l, d)
   corr = 2.0 * jnp.real(corr) if cplx else corr
   if x.z is not None:
