@@ -26,9 +26,11 @@ class Block(nnx.Module):
     self.mixer = MambaMixer(config, rngs=rngs)
 
   def __call__(self, x: jax.Array, state: MixerState | None = None, *,
-               return_state: bool = False):
-    """``x`` ``(batch, length, d_model)`` residual stream -> same shape and dtype (and state)."""
-    out = self.mixer(self.norm(x), state, return_state=return_state)
+               return_state: bool = False, segment_ids: jax.Array | None = None):
+    """``x`` ``(batch, length, d_model)`` residual stream -> same shape and dtype (and state).
+
+    ``segment_ids`` ``(batch, length)``: packed documents, see :meth:`MambaMixer.__call__`."""
+    out = self.mixer(self.norm(x), state, return_state=return_state, segment_ids=segment_ids)
     if return_state:
       h, state = out
       return x + h.astype(x.dtype), state

@@ -1,5 +1,8 @@
 """Recurrent generation: prefill the prompt with the parallel scan, then decode token by token.
 
+Prompts of different lengths are batched left-padded, with ``prompt_lengths``: the prefill reads
+the padding as a document of its own (``segment_ids``), so every row decodes as if alone.
+
 Each decode step costs O(1) in the sequence length: every layer shifts its conv state by one
 input and applies one selective-state update (:meth:`MambaMixer.step`). The whole loop is one
 ``jax.jit``-compiled ``lax.scan`` over the new tokens.
@@ -11,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -18,7 +22,8 @@ from ssmax import _checks
 
 
 def sample_logits(logits: jax.Array, key: jax.Array | None, *, temperature: float | jax.Array = 0.0,
-                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+                  top_k: int | None = None, top_p: float | None = None,
+                  vocab_size: int | None = None) -> jax.Array:
   """Draws one token per row of ``logits``.
 
   Args:
@@ -28,10 +33,16 @@ def sample_logits(logits: jax.Array, key: jax.Array | None, *, temperature: floa
       ``softmax(logits / temperature)``.
     top_k: keep only the ``top_k`` largest logits before sampling.
     top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``.
+    vocab_size: draw only from the first ``vocab_size`` ids (the real vocabulary of a model whose
+      logits cover a padded one, ``config.vocab_size``); default all of them.
 
   Returns:
-    ``(batch,)`` int32 token ids. ``top_k`` and ``top_p`` only matter when sampling.
+    ``(batch,)`` int32 token ids in ``[0, vocab_size)``. ``top_k`` and ``top_p`` only matter when
+    sampling.
   """
+  if vocab_size is not None:
+    vocab_size = _checks.positive_int("vocab_size", vocab_size)
+    logits = logits[..., :vocab_size]  # the padded rows are never drawn
   logits = logits.astype(jnp.float32)
   if isinstance(temperature, (int, float)) and temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -52,8 +63,14 @@ def sample_logits(logits: jax.Array, key: jax.Array | None, *, temperature: floa
 
 def generate(model, prompt: jax.Array, max_new_tokens: int, *, key: jax.Array | None = None,
              temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None) -> jax.Array:
+             top_p: float | None = None, prompt_lengths: jax.Array | None = None) -> jax.Array:
   """Continues ``prompt`` with a :class:`~ssmax.nn.MambaLM`, jit-compiled.
+
+  Prompts of different lengths go in one batch *left-padded*: row ``b`` holds its
+  ``prompt_lengths[b]`` tokens at the end, ``prompt[b, P - prompt_lengths[b]:]``, after any
+  padding ids (any valid id, e.g. 0). The prefill reads the padding as a separate document
+  (``segment_ids``), so nothing of it reaches the prompt: each row's continuation is the one that
+  generating its prompt alone gives (greedy: the same tokens, up to float rounding).
 
   Args:
     model: a :class:`~ssmax.nn.MambaLM`.
@@ -63,10 +80,12 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, key: jax.Array | 
     temperature: 0 (default) is greedy decoding; ``top_k`` and ``top_p`` then have no effect.
     top_k: optional positive int, at most ``vocab_size``.
     top_p: optional float in ``(0, 1]``.
+    prompt_lengths: optional ``(batch,)`` integers in ``[1, prompt_length]``: the length of each
+      left-padded prompt; None means every row is ``prompt_length`` long.
 
   Returns:
-    ``(batch, prompt_length + max_new_tokens)`` int32: the prompt followed by the new tokens, all
-    drawn from the first ``config.vocab_size`` ids.
+    ``(batch, prompt_length + max_new_tokens)`` int32: the (padded) prompt followed by the new
+    tokens, all drawn from the first ``config.vocab_size`` ids.
   """
   _checks.rank("prompt", prompt, 2, "(batch, prompt_length)")
   if not jnp.issubdtype(_checks.dtype_of(prompt), jnp.integer):
@@ -90,29 +109,52 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, key: jax.Array | 
     raise ValueError(f"top_p must be a float in (0, 1]; got {top_p!r}")
   prompt = jnp.asarray(prompt, jnp.int32)
   model._check_tokens("prompt", prompt, 2, "(batch, prompt_length)")
+  if prompt_lengths is not None:
+    prompt_lengths = _check_prompt_lengths(prompt_lengths, prompt.shape)
   if max_new_tokens == 0:
     return prompt
   if greedy:
     key = jax.random.key(0)  # threaded through the loop, never used
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompt, key, jnp.float32(temperature if not greedy else 1.0),
-                   max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+                   prompt_lengths, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
                    top_p=None if top_p is None else float(top_p))
+
+
+def _check_prompt_lengths(prompt_lengths, shape):
+  b, p = shape
+  if isinstance(prompt_lengths, (list, tuple)):
+    prompt_lengths = np.asarray(prompt_lengths)
+  _checks.shape("prompt_lengths", prompt_lengths, (b,), "(batch,), one length per prompt row")
+  dtype = _checks.dtype_of(prompt_lengths)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"prompt_lengths must have an integer dtype; got {dtype}")
+  if not isinstance(prompt_lengths, jax.core.Tracer):
+    lengths = np.asarray(prompt_lengths)
+    if lengths.size and (lengths.min() < 1 or lengths.max() > p):
+      raise ValueError(f"prompt_lengths must lie in [1, {p}] (the prompt's length; prompts are "
+                       f"left-padded); got {lengths.tolist()}")
+  return jnp.asarray(prompt_lengths, jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
                                              "top_p"))
-def _generate(graphdef, state, prompt, key, temperature, *, max_new_tokens, greedy, top_k, top_p):
+def _generate(graphdef, state, prompt, key, temperature, prompt_lengths, *, max_new_tokens,
+              greedy, top_k, top_p):
   model = nnx.merge(graphdef, state)
   vocab = model.config.vocab_size
 
   def sample(logits, k):
     # Padded vocabulary rows are never drawn.
-    return sample_logits(logits[:, :vocab], k, temperature=0.0 if greedy else temperature,
-                         top_k=top_k, top_p=top_p)
+    return sample_logits(logits, k, temperature=0.0 if greedy else temperature, top_k=top_k,
+                         top_p=top_p, vocab_size=vocab)
 
   keys = jax.random.split(key, max_new_tokens)
-  logits, cache = model.prefill(prompt)
+  segment_ids = None
+  if prompt_lengths is not None:  # left padding: document 0, the prompt: document 1
+    p = prompt.shape[1]
+    segment_ids = (jnp.arange(p)[None, :] >= p - prompt_lengths[:, None]).astype(jnp.int32)
+  logits, cache = model.prefill(prompt, segment_ids=segment_ids)
   first = sample(logits, keys[0])
 
   def body(carry, k):

@@ -14,6 +14,7 @@ from ssmax.nn.block import Block
 from ssmax.nn.cache import MambaCache
 from ssmax.nn.config import MambaConfig
 from ssmax.nn.norm import make_norm
+from ssmax.scan.inputs import check_segment_ids
 
 
 class MambaLM(nnx.Module):
@@ -66,20 +67,26 @@ class MambaLM(nnx.Module):
   # --------------------------------------------------------------------------------------------
 
   def __call__(self, tokens: jax.Array, cache: MambaCache | None = None, *,
-               return_cache: bool = False):
+               return_cache: bool = False, segment_ids: jax.Array | None = None):
     """Parallel forward over a sequence.
 
     Args:
       tokens: ``(batch, length)`` integer token ids in ``[0, padded_vocab_size)``, ``length >= 1``.
       cache: optional :class:`MambaCache` to continue from (e.g. a previous prefill).
       return_cache: also return the cache after the last token.
+      segment_ids: optional ``(batch, length)`` integer ids of packed documents: a new document
+        starts wherever the id changes, and every document's logits equal those of running it
+        alone (no convolution input or SSM state crosses a boundary; see
+        :meth:`MambaMixer.__call__`). ``cache`` continues each row's first document; the returned
+        cache is that after its last document.
 
     Returns:
       logits ``(batch, length, padded_vocab_size)``, or ``(logits, cache)``.
     """
     self._check_tokens("tokens", tokens, 2, "(batch, length)")
     cache = self._check_cache(cache, tokens.shape[0])
-    h, cache = self._hidden(tokens, cache, return_cache)
+    self._check_segment_ids(segment_ids, tokens.shape)
+    h, cache = self._hidden(tokens, cache, return_cache, segment_ids)
     logits = self._head(h)
     return (logits, cache) if return_cache else logits
 
@@ -88,12 +95,16 @@ class MambaLM(nnx.Module):
     _checks.positive_int("batch", batch)
     return MambaCache(tuple(layer.mixer.init_state(batch) for layer in self.layers))
 
-  def prefill(self, tokens: jax.Array, cache: MambaCache | None = None):
+  def prefill(self, tokens: jax.Array, cache: MambaCache | None = None, *,
+              segment_ids: jax.Array | None = None):
     """Reads a prompt with the parallel scan and returns what decoding needs.
 
     Args:
       tokens: ``(batch, length)`` integer prompt.
       cache: optional cache to continue from; zero state if None.
+      segment_ids: optional ``(batch, length)`` packed documents (see :meth:`__call__`); the
+        cache returned is that of each row's last document. Left-padded prompts of different
+        lengths are a padding document followed by the prompt.
 
     Returns:
       ``(logits, cache)``: logits of the last position ``(batch, padded_vocab_size)`` and the
@@ -101,7 +112,8 @@ class MambaLM(nnx.Module):
     """
     self._check_tokens("tokens", tokens, 2, "(batch, length)")
     cache = self._check_cache(cache, tokens.shape[0])
-    h, cache = self._hidden(tokens, cache, True)
+    self._check_segment_ids(segment_ids, tokens.shape)
+    h, cache = self._hidden(tokens, cache, True, segment_ids)
     return self._head(h[:, -1]), cache
 
   def step(self, cache: MambaCache, token: jax.Array):
@@ -125,25 +137,26 @@ class MambaLM(nnx.Module):
 
   def generate(self, prompt: jax.Array, max_new_tokens: int, *, key: jax.Array | None = None,
                temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None) -> jax.Array:
-    """Continues ``prompt`` by ``max_new_tokens`` tokens; see :func:`ssmax.nn.generate`."""
+               top_p: float | None = None, prompt_lengths: jax.Array | None = None) -> jax.Array:
+    """Continues ``prompt`` by ``max_new_tokens`` tokens; see :func:`ssmax.nn.generate`
+    (``prompt_lengths``: left-padded prompts of different lengths)."""
     from ssmax.nn.generate import generate
 
     return generate(self, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k,
-                    top_p=top_p)
+                    top_p=top_p, prompt_lengths=prompt_lengths)
 
   # --------------------------------------------------------------------------------------------
 
-  def _hidden(self, tokens, cache, return_cache):
+  def _hidden(self, tokens, cache, return_cache, segment_ids=None):
     x = self.embedding(tokens).astype(self.residual_dtype)
     states = []
     for i, layer in enumerate(self.layers):
       state = None if cache is None else cache.layers[i]
       if return_cache:
-        x, state = layer(x, state, return_state=True)
+        x, state = layer(x, state, return_state=True, segment_ids=segment_ids)
         states.append(state)
       else:
-        x = layer(x, state)
+        x = layer(x, state, segment_ids=segment_ids)
     return self.norm_f(x), (MambaCache(tuple(states)) if return_cache else None)
 
   def _head(self, h):
@@ -166,6 +179,10 @@ class MambaLM(nnx.Module):
       if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         raise ValueError(f"{name} must lie in [0, {vocab}); got values in "
                          f"[{ids.min()}, {ids.max()}]")
+
+  def _check_segment_ids(self, segment_ids, shape):
+    if segment_ids is not None:
+      check_segment_ids(segment_ids, tuple(shape), like="tokens")
 
   def _check_cache(self, cache, batch, required=False):
     if cache is None:

@@ -39,7 +39,8 @@ from ssmax.nn import init as inits
 from ssmax.nn.config import MambaConfig
 from ssmax.nn.dense import dense
 from ssmax.nn.s4 import S4DLayer
-from ssmax.scan import selective_scan, selective_state_update
+from ssmax.scan import segments, selective_scan, selective_state_update
+from ssmax.scan.inputs import check_segment_ids
 
 
 class MixerState(NamedTuple):
@@ -136,13 +137,19 @@ class MambaMixer(nnx.Module):
                       jnp.zeros((batch,) + self.state_shape, self.state_dtype))
 
   def __call__(self, x: jax.Array, state: MixerState | None = None, *,
-               return_state: bool = False):
+               return_state: bool = False, segment_ids: jax.Array | None = None):
     """Parallel (training / prefill) mode.
 
     Args:
       x: ``(batch, length, d_model)`` floating input, ``length >= 1``.
       state: optional :class:`MixerState` to continue from (zero state if None).
       return_state: also return the state after the last token.
+      segment_ids: optional ``(batch, length)`` integer ids of packed documents (see
+        :func:`ssmax.selective_scan`): a new document starts where the id changes, and nothing
+        crosses into it: the causal convolution only reads inputs of the same document (its
+        window is masked per position) and the SSM state restarts from zero. ``state`` is the
+        state before each row's first document; the returned state is that after its last
+        document (its conv part holds only that document's inputs).
 
     Returns:
       ``y`` ``(batch, length, d_model)`` in the compute dtype, or ``(y, state)``.
@@ -153,6 +160,8 @@ class MambaMixer(nnx.Module):
     _checks.shape("x", x, (None, None, self.d_model), "(batch, length, d_model)")
     if l < 1:
       raise ValueError(f"x must have length >= 1 along axis 1; got shape {x.shape}")
+    if segment_ids is not None:
+      check_segment_ids(segment_ids, (b, l), like="x")
     fresh = state is None  # no carried state: no initial SSM state either (cheaper for the scan)
     state = self._check_state(state, b)
 
@@ -161,16 +170,22 @@ class MambaMixer(nnx.Module):
     if self.sequence_axis is not None and self.d_conv > 1:
       left = sharding.sequence_halo(xs, self.d_conv - 1, self.sequence_axis, first=left)
     history = jnp.concatenate([left, xs], axis=1)
-    u = jax.nn.silu(self.conv1d(history))  # (b, l, d_inner)
+    if segment_ids is None:
+      u = jax.nn.silu(self.conv1d(history))  # (b, l, d_inner)
+    else:
+      before = segments.left_ids(segment_ids, self.d_conv - 1, self.sequence_axis)
+      window = segments.window_mask(segment_ids, self.d_conv, before)  # (b, l, d_conv)
+      u = jax.nn.silu(self._masked_conv(history, window))
     h0 = None if fresh else state.ssm
     if self.ssm == "selective":
       dt, B, C = self._x_proj(u)
       y = selective_scan(u, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), B, C,
                          D=self.D[...], z=z, delta_bias=self.dt_proj.bias[...],
                          delta_softplus=True, initial_state=h0, return_last_state=return_state,
-                         backend=self.scan_backend, sequence_axis=self.sequence_axis)
+                         backend=self.scan_backend, sequence_axis=self.sequence_axis,
+                         segment_ids=segment_ids)
     else:
-      y = self.s4d(u, h0, return_state=return_state)
+      y = self.s4d(u, h0, return_state=return_state, segment_ids=segment_ids)
     y, last = y if return_state else (y, None)
     if self.ssm == "s4d" and z is not None:
       y = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
@@ -178,6 +193,8 @@ class MambaMixer(nnx.Module):
     if not return_state:
       return out
     conv = history[:, -self.d_conv:].astype(self.dtype)
+    if segment_ids is not None:  # only the last document's inputs carry on
+      conv = conv * window[:, -1, :, None].astype(conv.dtype)
     if self.sequence_axis is not None:
       conv = sharding.last_shard(conv, self.sequence_axis)
     return out, MixerState(conv, last)
@@ -238,6 +255,18 @@ class MambaMixer(nnx.Module):
     _checks.shape("state.ssm", state.ssm, (batch,) + self.state_shape,
                   "(batch, d_inner, d_state)")
     return state
+
+  def _masked_conv(self, history, window):
+    """The depthwise convolution with a per-position mask: ``history`` ``(b, l + d_conv - 1,
+    d_inner)``, ``window`` ``(b, l, d_conv)`` bool (which inputs of each output's window count)."""
+    l = window.shape[1]
+    kernel = self.conv1d.kernel[...][:, 0, :].astype(self.dtype)  # (d_conv, d_inner)
+    history = history.astype(self.dtype)
+    u = sum(history[:, j:j + l] * jnp.where(window[..., j:j + 1], kernel[j], 0)
+            for j in range(self.d_conv))
+    if self.conv1d.bias is not None:
+      u = u + self.conv1d.bias[...].astype(self.dtype)
+    return u
 
   def _in_proj(self, x):
     xz = dense(self.in_proj, x)

@@ -6,6 +6,10 @@ Each layer has two views with one set of parameters (S4 paper, Section 2):
   ``y = causal_conv(u, K) + D u`` by FFT;
 * recurrence (generation): ``x' = Ab x + Bb u_t``, ``y_t = Re(C x') + D u_t`` per channel.
 
+Packed documents (``segment_ids``) run the recurrence in parallel mode, since a convolution
+kernel would reach across documents: S4D as ``lax.associative_scan``, S4 (dense ``Ab``) as
+``lax.scan``; the state restarts from zero wherever the id changes.
+
 Complex parameters are stored as real pairs (``*_re``/``*_im``, or ``A_log``/``A_im`` for the
 diagonal ``A = -exp(A_log) + i A_im``) so that optimisers see real arrays. ``Δ`` is per channel,
 ``dt = exp(log_dt)`` initialised log-uniform in ``[dt_min, dt_max]``.
@@ -16,10 +20,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from ssmax import _checks, discretize, hippo, lti, sharding
 from ssmax.nn import init as inits
 from ssmax.nn.config import S4D_INITS, check_dt_range
+from ssmax.scan import segments
+from ssmax.scan.inputs import check_segment_ids
 
 # One SISO function of lti over the channels (and, for step, over the batch first).
 _per_channel = lambda f: jax.vmap(f, in_axes=(0, 0, 0))
@@ -134,13 +141,19 @@ class S4DLayer(nnx.Module):
                      jnp.complex64 if self.complex else jnp.float32)
 
   def __call__(self, u: jax.Array, state: jax.Array | None = None, *,
-               return_state: bool = False):
-    """Convolution mode.
+               return_state: bool = False, segment_ids: jax.Array | None = None):
+    """Convolution mode (the recurrence, as a parallel scan, with ``segment_ids``).
 
     Args:
       u: ``(batch, length, H)`` floating input.
       state: optional ``(batch, H, M)`` state before the first step (zero if None).
       return_state: also return the state after the last step.
+      segment_ids: optional ``(batch, length)`` integer ids of packed documents: the state
+        restarts from zero wherever the id changes (``state`` is that before each row's first
+        document; the returned state is that after its last). A convolution kernel would reach
+        across documents, so the layer then runs its recurrence instead, as
+        ``lax.associative_scan`` over ``(Ab, Bb u_t)`` pairs with ``Ab`` replaced by 0 at each
+        document's first step: ``O(length * H * M)`` memory and ``O(log length)`` depth.
 
     Returns:
       ``y (batch, length, H)`` in ``u.dtype``, or ``(y, last_state)``.
@@ -149,6 +162,9 @@ class S4DLayer(nnx.Module):
     b, length, _ = u.shape
     if state is not None:
       _checks.shape("state", state, (b, self.d_model, self.modes), "(batch, channels, modes)")
+    if segment_ids is not None:
+      check_segment_ids(segment_ids, (b, length))
+      return self._packed(u, state, return_state, segment_ids)
     Ab, Bb, C = self.discrete()
     u32 = u.astype(jnp.float32)
     y = lti.causal_conv(u32, _kernels(Ab, Bb, C, length)) + u32 * self.D[...].astype(jnp.float32)
@@ -169,6 +185,33 @@ class S4DLayer(nnx.Module):
     if self.sequence_axis is None:
       last = powers[-1] * h0 + Bb * jnp.einsum("lhm,blh->bhm", back, u32.astype(back.dtype))
     return y.astype(u.dtype), last.astype(h0.dtype)
+
+  def _packed(self, u, state, return_state, segment_ids):
+    """The recurrence with resets at document starts; under ``sequence_axis`` each shard scans
+    its piece from zero and the state entering it (cut at its first boundary) is added after."""
+    Ab, Bb, C = self.discrete()
+    u32 = u.astype(jnp.float32)
+    cdt = self.init_state(1).dtype
+    resets = segments.local_resets(segment_ids, self.sequence_axis)
+    keep = jnp.where(resets, 0.0, 1.0)
+    decay = Ab[None, None] * keep[..., None, None].astype(Ab.dtype)  # (b, l, H, M)
+    drive = Bb * u32[..., None].astype(Bb.dtype)
+    h0 = None if state is None else state.astype(cdt)
+    if h0 is not None and self.sequence_axis is None:
+      drive = drive.at[:, 0].add(decay[:, 0] * h0)
+    _, h = lax.associative_scan(lambda l, r: (l[0] * r[0], r[0] * l[1] + r[1]), (decay, drive),
+                                axis=1)
+    y = jnp.real(jnp.sum(C * h, axis=-1)) + u32 * self.D[...].astype(jnp.float32)
+    last = h[:, -1]
+    if self.sequence_axis is not None:
+      reach = (jnp.cumsum(resets, axis=1) == 0).astype(jnp.float32)  # before the first boundary
+      powers = jnp.cumprod(jnp.broadcast_to(Ab, (u.shape[1],) + Ab.shape), axis=0)  # Ab^(t+1)
+      decay_total = powers[-1] * reach[:, -1, None, None].astype(Ab.dtype)
+      h0 = jnp.zeros_like(last) if h0 is None else h0
+      h_in, last = sharding.pass_state(decay_total, last, self.sequence_axis, h0)
+      y = y + jnp.real(jnp.einsum("lhm,bhm->blh", C * powers, h_in)) * reach[..., None]
+    y = y.astype(u.dtype)
+    return (y, last.astype(cdt)) if return_state else y
 
   def step(self, state: jax.Array, u_t: jax.Array):
     """Recurrent mode: ``state (batch, H, M)``, ``u_t (batch, H)`` -> ``(y_t (batch, H), state)``.
@@ -248,10 +291,27 @@ class S4Layer(nnx.Module):
     _checks.positive_int("batch", batch)
     return jnp.zeros((batch, self.d_model, self.d_state), jnp.complex64)
 
-  def __call__(self, u: jax.Array) -> jax.Array:
-    """Convolution mode: ``u (batch, length, H)`` -> ``y (batch, length, H)`` in ``u.dtype``."""
+  def __call__(self, u: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Convolution mode: ``u (batch, length, H)`` -> ``y (batch, length, H)`` in ``u.dtype``.
+
+    With ``segment_ids`` ``(batch, length)`` (packed documents; the state restarts from zero
+    wherever the id changes) the layer runs its recurrence instead of the convolution, whose
+    kernel would reach across documents: a ``lax.scan`` over time with the dense ``(N, N)``
+    ``Ab``, zeroed at each document's first step. Under ``sequence_axis`` the pieces and ids are
+    gathered and the whole sequence is scanned on every shard.
+    """
     _check_u(u, self.d_model)
     u32 = u.astype(jnp.float32)
+    if segment_ids is not None:
+      check_segment_ids(segment_ids, u.shape[:2])
+      if self.sequence_axis is None:
+        y = self._recurrence(u32, segment_ids)
+      else:
+        y = sharding.local_piece(
+            self._recurrence(sharding.gather_sequence(u32, self.sequence_axis),
+                             sharding.gather_sequence(segment_ids, self.sequence_axis)),
+            self.sequence_axis)
+      return (y + u32 * self.D[...].astype(jnp.float32)).astype(u.dtype)
     if self.sequence_axis is None:
       y = lti.causal_conv(u32, self.kernel(u.shape[1]))
     else:
@@ -260,6 +320,21 @@ class S4Layer(nnx.Module):
                                self.sequence_axis)
     y = y + u32 * self.D[...].astype(jnp.float32)
     return y.astype(u.dtype)
+
+  def _recurrence(self, u32, segment_ids):
+    """``Re(C x_t)`` ``(batch, length, H)`` of ``x_t = keep_t Ab x_{t-1} + Bb u_t`` from zero,
+    ``keep_t = 0`` where a document starts."""
+    Ab, Bb, C = self.discrete()
+    keep = jnp.where(segments.resets(segment_ids), 0.0, 1.0).astype(Ab.dtype)
+
+    def body(h, inputs):
+      u_t, keep_t = inputs  # (b, H), (b,)
+      h = keep_t[:, None, None] * jnp.einsum("hij,bhj->bhi", Ab, h) + Bb * u_t[..., None]
+      return h, jnp.real(jnp.sum(C * h, axis=-1))
+
+    h0 = jnp.zeros((u32.shape[0],) + Bb.shape, Ab.dtype)
+    _, y = lax.scan(body, h0, (jnp.moveaxis(u32, 1, 0).astype(Ab.dtype), keep.T))
+    return jnp.moveaxis(y, 0, 1)
 
   def step(self, state: jax.Array, u_t: jax.Array):
     """Recurrent mode: ``state (batch, H, N)``, ``u_t (batch, H)`` -> ``(y_t (batch, H), state)``.

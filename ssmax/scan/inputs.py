@@ -87,10 +87,11 @@ def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
                     segment_ids)
 
 
-def check_segment_ids(segment_ids, shape, name: str = "segment_ids") -> None:
-  """A ValueError unless ``segment_ids`` is an integer array of ``shape`` ``(batch, length)``."""
+def check_segment_ids(segment_ids, shape, name: str = "segment_ids", like: str = "u") -> None:
+  """A ValueError unless ``segment_ids`` is an integer array of ``shape`` ``(batch, length)``,
+  the first two axes of the argument named ``like``."""
   _checks.rank(name, segment_ids, 2, "(batch, length)")
-  _checks.shape(name, segment_ids, shape, "(batch, length), like u's first two axes")
+  _checks.shape(name, segment_ids, shape, f"(batch, length), like {like}'s first two axes")
   dtype = _checks.dtype_of(segment_ids)
   if not jnp.issubdtype(dtype, jnp.integer):
     raise ValueError(f"{name} must have an integer dtype; got {dtype}")

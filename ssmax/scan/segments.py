@@ -14,8 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from ssmax import _checks
+from ssmax import _checks, sharding
 
 
 def resets(segment_ids: jax.Array, previous: jax.Array | None = None) -> jax.Array:
@@ -48,22 +49,38 @@ def window_mask(segment_ids: jax.Array, width: int, left_ids: jax.Array | None =
     with no boundary between them.
   """
   b, l = segment_ids.shape
-  if left_ids is None:
-    left_ids = jnp.broadcast_to(segment_ids[:, :1], (b, width - 1))
-  ids = jnp.concatenate([left_ids.astype(segment_ids.dtype), segment_ids], axis=1)
+  before = left_ids
+  if before is None:
+    before = jnp.broadcast_to(segment_ids[:, :1], (b, width - 1))
+  ids = jnp.concatenate([before.astype(segment_ids.dtype), segment_ids], axis=1)
   index = jnp.cumsum(resets(ids), axis=1)  # the segment number of every position, from 0
   windows = jnp.stack([index[:, j:j + l] for j in range(width)], axis=-1)  # (b, l, width)
   return windows == index[:, width - 1:, None]
 
 
-def last_segment_mask(segment_ids: jax.Array, width: int) -> jax.Array:
-  """``(batch, width)`` bool: which of the last ``width`` positions of each row lie in its last
-  segment (positions before the row, when ``width > length``, count as its first segment)."""
-  b, l = segment_ids.shape
-  pad = max(width - l, 0)
-  ids = jnp.concatenate([jnp.broadcast_to(segment_ids[:, :1], (b, pad)), segment_ids], axis=1)
-  index = jnp.cumsum(resets(ids), axis=1)[:, -width:]
-  return index == index[:, -1:]
+def local_resets(segment_ids: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """:func:`resets` of this device's piece of a sequence split over ``axis_name``.
+
+  Position 0 of a shard is a reset when its id differs from the last id of the shard before
+  (one ``ppermute``); never on the first shard, where ``initial_state`` applies. Without
+  ``axis_name`` it is :func:`resets`.
+  """
+  if axis_name is None:
+    return resets(segment_ids)
+  before = sharding.sequence_halo(segment_ids[..., None], 1, axis_name)[:, 0, 0]
+  r = resets(segment_ids, before)
+  return r.at[:, 0].set(r[:, 0] & (lax.axis_index(axis_name) > 0))
+
+
+def left_ids(segment_ids: jax.Array, width: int, axis_name: str | None = None) -> jax.Array:
+  """``(batch, width)`` ids of the ``width`` positions before this piece: the previous shard's
+  last ones under ``axis_name`` (but on the first shard), else a continuation of the first
+  segment (a carried state belongs to the row's first document)."""
+  own = jnp.broadcast_to(segment_ids[:, :1], (segment_ids.shape[0], width))
+  if axis_name is None or width == 0:
+    return own
+  halo = sharding.sequence_halo(segment_ids[..., None], width, axis_name)[..., 0]
+  return jnp.where(lax.axis_index(axis_name) == 0, own, halo)
 
 
 def segment_ids_from_lengths(lengths, length: int) -> jax.Array:

@@ -62,10 +62,7 @@ def _scan(backend: dispatch.Backend, x: ScanInputs, axis: str):
   decay_total = jnp.exp(dt_cum[:, -1, :, None] * A)  # (b, d, n)
   reach = None  # (b, l) float32: 1 before the shard's first boundary, then 0
   if x.segment_ids is not None:
-    before = sharding.sequence_halo(x.segment_ids[..., None], 1, axis)[:, 0, 0]
-    first_shard = lax.axis_index(axis) == 0
-    resets = segments.resets(x.segment_ids, before)
-    resets = resets.at[:, 0].set(resets[:, 0] & ~first_shard)  # shard 0: initial_state applies
+    resets = segments.local_resets(x.segment_ids, axis)  # shard 0: initial_state applies
     reach = (jnp.cumsum(resets, axis=1) == 0).astype(jnp.float32)
     decay_total = decay_total * reach[:, -1, None, None]
   h_in, h_last = sharding.pass_state(decay_total, h_local, axis, x.initial_state)

@@ -193,8 +193,6 @@ def test_window_mask_stops_at_boundaries():
   # mask[t, j]: input t - (2 - j) in t's document; the left context continues document 0.
   want = [[1, 1, 1], [1, 1, 1], [0, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]]
   np.testing.assert_array_equal(mask[0], np.array(want, bool))
-  np.testing.assert_array_equal(segments.last_segment_mask(seg, 3)[0], [False, False, True])
-  np.testing.assert_array_equal(segments.last_segment_mask(jnp.array([[5]]), 3)[0], [1, 1, 1])
 
 
 # ----------------------------------------------------------------------------------------------
