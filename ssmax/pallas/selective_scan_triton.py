@@ -499,6 +499,13 @@ def _inputs(p: _Plan, u, delta, at, B, C, D, z, bias):
 
 def _call(kernel, p: _Plan, out_shape, *args):
   out_shape, args = typed_like(out_shape, *args)
+  # The kernels index in int32 (program ids); traced with jax_enable_x64 on, Python ints and
+  # jnp.arange would be int64 and mixed index types fail. Arguments and results are 32-bit.
+  with jax.enable_x64(False):
+    return _pallas_call(kernel, p, out_shape, *args)
+
+
+def _pallas_call(kernel, p: _Plan, out_shape, *args):
   return pl.pallas_call(
       functools.partial(kernel, p=p),
       out_shape=out_shape,

@@ -174,9 +174,16 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
   # be one more launch per layer and step.
   args = [state.astype(jnp.float32), u, delta, A, B, C, D, z, delta_bias, delta_proj]
   args = [x for x in args if x is not None]
+  # Traced with jax_enable_x64 off: the kernel indexes in int32 (program ids), and int64 Python
+  # ints or aranges mixed in fail under x64. Arguments and results are 32-bit anyway.
+  with jax.enable_x64(False):
+    return _call(p, interpret, u.dtype, *args)
+
+
+def _call(p: _Plan, interpret: bool, y_dtype, *args):
   y, new = pl.pallas_call(
       functools.partial(_kernel, p=p),
-      out_shape=[jax.ShapeDtypeStruct((p.batch, p.channels), u.dtype),
+      out_shape=[jax.ShapeDtypeStruct((p.batch, p.channels), y_dtype),
                  jax.ShapeDtypeStruct((p.batch, p.channels, p.state), jnp.float32)],
       grid=(p.batch, pl.cdiv(p.channels, p.block)),
       input_output_aliases={0: 1},
