@@ -215,7 +215,8 @@ def plot(result, path) -> None:
       ax.plot([x for x, _ in pts], [y for _, y in pts], ["k*", "kx"][k % 2], ms=8, label=name)
   ax.set_xticks(range(len(batches)))
   ax.set_xticklabels([str(b) for b in batches])
-  ax.set_yscale("log")
+  if rows:  # a log axis needs data; a sweep where everything failed still gets its figure
+    ax.set_yscale("log")
   ax.set(xlabel="batch size", ylabel="new tokens / s",
          title=f"Generation throughput, prompt {result['prompt_len']} + {result['new_tokens']} "
                f"({result['device']})")
