@@ -332,7 +332,8 @@ class S4Layer(nnx.Module):
       h = keep_t[:, None, None] * jnp.einsum("hij,bhj->bhi", Ab, h) + Bb * u_t[..., None]
       return h, jnp.real(jnp.sum(C * h, axis=-1))
 
-    h0 = jnp.zeros((u32.shape[0],) + Bb.shape, Ab.dtype)
+    # Zeros typed like one step's input, so that under shard_map the carry varies as it does.
+    h0 = jnp.zeros_like(Bb * u32[:, 0, :, None].astype(Ab.dtype))
     _, y = lax.scan(body, h0, (jnp.moveaxis(u32, 1, 0).astype(Ab.dtype), keep.T))
     return jnp.moveaxis(y, 0, 1)
 

@@ -22,6 +22,7 @@ def main(out_dir: str) -> None:
   import ssmax
   from ssmax import nn as snn
   from ssmax import parallel
+  from ssmax.nn.s4 import S4DLayer, S4Layer
 
   assert jax.device_count() == DEVICES, jax.devices()
   data = np.load(os.path.join(out_dir, "in.npz"))
@@ -64,6 +65,27 @@ def main(out_dir: str) -> None:
   for tag, result in (("single", single), ("multi", multi)):
     for path, leaf in jax.tree_util.tree_leaves_with_path(result):
       results[f"mixer/{tag}{jax.tree_util.keystr(path)}"] = leaf
+
+  # S4D (state passed, cut at boundaries) and S4 (whole sequence gathered), packed.
+  x5 = jnp.asarray(data["x"])
+  layers = {
+      "s4d": (lambda axis: S4DLayer(5, d_state=4, init="lin", sequence_axis=axis,
+                                    rngs=nnx.Rngs(2)),
+              lambda m, x, seg: m(x, jnp.full((3, 5, 2), 0.5 + 0.25j, jnp.complex64),
+                                  return_state=True, segment_ids=seg), (seq, P())),
+      "s4": (lambda axis: S4Layer(5, d_state=4, sequence_axis=axis, rngs=nnx.Rngs(2)),
+             lambda m, x, seg: m(x, segment_ids=seg), seq),
+  }
+  for name, (build_layer, call_layer, out_specs) in layers.items():
+    graphdef, params = nnx.split(build_layer(None))
+    single = jax.jit(lambda p, *a: call_layer(nnx.merge(graphdef, p), *a))(params, x5, seg)
+    graphdef, params = nnx.split(build_layer("seq"))
+    multi = jax.jit(jax.shard_map(lambda p, *a: call_layer(nnx.merge(graphdef, p), *a),
+                                  mesh=mesh, in_specs=(P(), seq, seq), out_specs=out_specs))(
+                                      params, x5, seg)
+    for tag, result in (("single", single), ("multi", multi)):
+      for path, leaf in jax.tree_util.tree_leaves_with_path(result):
+        results[f"{name}/{tag}{jax.tree_util.keystr(path)}"] = leaf
 
   try:
     named = dict(zip(SCAN_NAMES, args), delta_softplus=True)

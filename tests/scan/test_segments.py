@@ -252,9 +252,11 @@ def test_sequence_parallel_packed_gradients(worker, backend):
     assert rel_err(multi, results[f"{backend}/single/grad_{name}"]) < 1e-5, name
 
 
-def test_sequence_parallel_packed_mixer_matches_one_device(worker):
+@pytest.mark.parametrize("layer", ["mixer", "s4d", "s4"])
+def test_sequence_parallel_packed_layers_match_one_device(worker, layer):
+  # One device is checked against documents run one by one in tests/nn/test_packed.py.
   _, results, _ = worker
-  keys = [k for k in results if k.startswith("mixer/single")]
+  keys = [k for k in results if k.startswith(f"{layer}/single")]
   assert keys
   for k in keys:
     multi = results[k.replace("/single", "/multi")]
