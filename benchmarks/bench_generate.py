@@ -231,15 +231,11 @@ def main(argv):
     kw = dict(sizes=["tiny"], batches=[1, 3], prompt_len=9, new_tokens=5, repeats=1,
               split_prefill=True)
   else:
-    for s in FLAGS.sizes:
-      if s not in SIZES:
-        raise app.UsageError(f"--sizes must be from {sorted(SIZES)}; got {s!r}")
+    harness.check_choices("sizes", FLAGS.sizes, SIZES)
     kw = dict(sizes=FLAGS.sizes, batches=[int(b) for b in FLAGS.batches],
               prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
               split_prefill=FLAGS.split_prefill)
-  for m in FLAGS.models:
-    if m not in MODELS:
-      raise app.UsageError(f"--models must be from {list(MODELS)}; got {m!r}")
+  harness.check_choices("models", FLAGS.models, MODELS)
   bench = harness.Run("bench_generate", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
                       tag=FLAGS.tag, current=FLAGS.current)
   run(bench, models=FLAGS.models, dtype=jnp.dtype(FLAGS.dtype), scan_backend=FLAGS.scan_backend,

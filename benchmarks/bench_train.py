@@ -209,9 +209,7 @@ def main(argv):
   backends = FLAGS.backends
   if backends is None:
     backends = ["sequential", "associative"] + ([] if FLAGS.tiny else ["pallas"])
-  for b in backends:
-    if b not in BACKENDS:
-      raise app.UsageError(f"--backends must be from {list(BACKENDS)}; got {b!r}")
+  harness.check_choices("backends", backends, BACKENDS)
   device = harness.device_slug_of_child() if isolate else None
   bench = harness.Run("bench_train", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
                       tag=FLAGS.tag, current=FLAGS.current, device=device)

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from absl import app
 
 from experiments.plotting import markdown_table  # noqa: F401  (the scripts' one table printer)
 
@@ -256,6 +257,13 @@ def load_current(benchmark: str, results_dir=RESULTS_ROOT) -> dict[str, dict]:
   if folder is None:
     return {}
   return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def check_choices(flag: str, values, allowed) -> None:
+  """Raises a usage error naming ``--flag`` unless every value is among ``allowed``."""
+  for v in values:
+    if v not in allowed:
+      raise app.UsageError(f"--{flag} must be from {sorted(allowed)}; got {v!r}")
 
 
 def parse_configs(spec: str) -> list[tuple[str, dict]]:

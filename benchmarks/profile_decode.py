@@ -379,14 +379,10 @@ def main(argv):
   if FLAGS.tiny:
     kw = dict(sizes=["tiny"], batches=[1, 3], steps=4, repeats=1)
   else:
-    for s in FLAGS.sizes:
-      if s not in SIZES:
-        raise app.UsageError(f"--sizes must be from {sorted(SIZES)}; got {s!r}")
+    harness.check_choices("sizes", FLAGS.sizes, SIZES)
     kw = dict(sizes=FLAGS.sizes, batches=[int(b) for b in FLAGS.batches], steps=FLAGS.steps,
               repeats=FLAGS.repeats)
-  for b in FLAGS.backends:
-    if b not in STEP_BACKENDS:
-      raise app.UsageError(f"--backends must be from {list(STEP_BACKENDS)}; got {b!r}")
+  harness.check_choices("backends", FLAGS.backends, STEP_BACKENDS)
   bench = harness.Run("profile_decode", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
                       tag=FLAGS.tag, current=FLAGS.current)
   run(bench, backends=FLAGS.backends, dtype=jnp.dtype(FLAGS.dtype), top=FLAGS.top,

@@ -1,13 +1,18 @@
-"""Command-line flags shared by the synthetic-task entry points (absl)."""
+"""What the synthetic-task entry points share: their presets, absl flags, training one model of a
+preset, and writing the results."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import jax
 from absl import app, flags
 
-from experiments import models
+from experiments import models, train
 
 FLAGS = flags.FLAGS
 
@@ -65,3 +70,38 @@ def preset_changes(preset, model_names: Sequence[str], extra_fields: Sequence[st
   if changes.get("checkpoint_every", 0) % preset.log_every:
     raise app.UsageError(f"--checkpoint_every must be a multiple of {preset.log_every}")
   return changes
+
+
+def train_model(preset: Preset, name: str, out_dir: Path, *, seed: int, resume: bool,
+                progress: bool) -> train.TrainResult:
+  """Trains model ``name`` of ``preset`` on its task, into ``out_dir/name``."""
+  config = train.TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
+                             learning_rate=preset.learning_rate, seed=seed,
+                             log_every=preset.log_every, eval_every=preset.eval_every,
+                             eval_examples=preset.eval_examples,
+                             checkpoint_every=preset.checkpoint_every, resume=resume,
+                             progress=progress)
+  return train.train(lambda rngs: models.make_model(name, preset.shape, rngs), preset.task, config,
+                     out_dir / name, name=name)
+
+
+def write_results(out_dir: Path, preset: Preset, seed: int, results: dict, started: float,
+                  text: str) -> None:
+  """``results.md`` (``text``) and ``results.json`` (the task, shape, schedule and ``results``)."""
+  (out_dir / "results.md").write_text(f"{text}\n")
+  (out_dir / "results.json").write_text(json.dumps(
+      {"task": dataclasses.asdict(preset.task), "shape": dataclasses.asdict(preset.shape),
+       "seed": seed, "batch_size": preset.batch_size, "learning_rate": preset.learning_rate,
+       "models": results, "wall_seconds": round(time.perf_counter() - started, 1)}, indent=2))
+
+
+def devices() -> str:
+  """``"<count> <platform> device(s)"``, for the results' header."""
+  return f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
+
+
+def main(task: str, run: Callable[..., dict], preset: Preset) -> None:
+  """Runs ``run(preset, out_dir, ...)`` with the common flags; the default out_dir is
+  ``runs/<task>_<preset>``."""
+  out_dir = FLAGS.out_dir or f"runs/{task}_{FLAGS.preset}"
+  run(preset, out_dir, seed=FLAGS.seed, resume=FLAGS.resume, progress=FLAGS.progress)

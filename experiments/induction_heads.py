@@ -15,7 +15,6 @@ metrics and checkpoints into ``--out_dir``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -94,14 +93,7 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
   t_start = time.perf_counter()
   results, histories, curves = {}, {}, {}
   for name in preset.models:
-    config = train.TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
-                               learning_rate=preset.learning_rate, seed=seed,
-                               log_every=preset.log_every, eval_every=preset.eval_every,
-                               eval_examples=preset.eval_examples,
-                               checkpoint_every=preset.checkpoint_every, resume=resume,
-                               progress=progress)
-    res = train.train(lambda rngs, name=name: models.make_model(name, preset.shape, rngs), preset.task,
-                      config, out_dir / name, name=name)
+    res = cli.train_model(preset, name, out_dir, seed=seed, resume=resume, progress=progress)
     t_eval = time.perf_counter()
     by_length = accuracy_by_length(res.model, name, preset, seed)
     label = models.LABELS[name]
@@ -119,13 +111,9 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
   header = (f"Induction Heads: vocabulary {task.vocab_size}, trained at length {task.length} for "
             f"{preset.steps} steps (batch {preset.batch_size}, Adam lr {preset.learning_rate}, "
             f"{preset.shape.n_layer} layers, d_model {preset.shape.d_model}, seed {seed}, "
-            f"{jax.device_count()} {jax.devices()[0].platform} device(s)); accuracy (%) at each test "
-            f"length. Chance: {100 * task.chance_accuracy:.1f}%. A dash: not run (quadratic attention).")
-  (out_dir / "results.md").write_text(f"{header}\n\n{table}\n")
-  (out_dir / "results.json").write_text(json.dumps(
-      {"task": dataclasses.asdict(task), "shape": dataclasses.asdict(preset.shape), "seed": seed,
-       "batch_size": preset.batch_size, "learning_rate": preset.learning_rate, "models": results,
-       "wall_seconds": round(time.perf_counter() - t_start, 1)}, indent=2))
+            f"{cli.devices()}); accuracy (%) at each test length. Chance: "
+            f"{100 * task.chance_accuracy:.1f}%. A dash: not run (quadratic attention).")
+  cli.write_results(out_dir, preset, seed, results, t_start, f"{header}\n\n{table}")
   plotting.plot_accuracy_vs_length(curves, out_dir / "accuracy_vs_length.png",
                                    title="Induction Heads: length extrapolation",
                                    train_length=task.length, chance=task.chance_accuracy)
@@ -158,8 +146,7 @@ def preset_from_flags() -> Preset:
 
 def main(argv):
   del argv
-  out_dir = FLAGS.out_dir or f"runs/induction_heads_{FLAGS.preset}"
-  run(preset_from_flags(), out_dir, seed=FLAGS.seed, resume=FLAGS.resume, progress=FLAGS.progress)
+  cli.main("induction_heads", run, preset_from_flags())
 
 
 if __name__ == "__main__":

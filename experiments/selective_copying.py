@@ -12,14 +12,12 @@ continues from the latest checkpoint of each model).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
-import jax
 from absl import app, flags
 
-from experiments import cli, models, plotting, tasks, train
+from experiments import cli, models, plotting, tasks
 
 # Mamba paper, Table 1 (accuracy %, length 4096, 16 data tokens).
 PAPER_ACCURACY = {"s4": 18.3, "s6": 97.0, "mamba_s4": 56.4, "mamba_s6": 99.8}
@@ -54,14 +52,7 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
   t_start = time.perf_counter()
   results, histories = {}, {}
   for name in preset.models:
-    config = train.TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
-                               learning_rate=preset.learning_rate, seed=seed,
-                               log_every=preset.log_every, eval_every=preset.eval_every,
-                               eval_examples=preset.eval_examples,
-                               checkpoint_every=preset.checkpoint_every, resume=resume,
-                               progress=progress)
-    res = train.train(lambda rngs, name=name: models.make_model(name, preset.shape, rngs), preset.task,
-                      config, out_dir / name, name=name)
+    res = cli.train_model(preset, name, out_dir, seed=seed, resume=resume, progress=progress)
     histories[models.LABELS[name]] = res.records
     results[name] = {"label": models.LABELS[name], "accuracy": res.final_accuracy, "loss": res.final_loss,
                      "params": models.count_params(res.model), "steps": preset.steps,
@@ -74,13 +65,9 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
       ["Model", "Params", "Steps", "Train time (s)", "Accuracy (%)", "Paper, length 4096 (%)"], rows)
   header = (f"Selective Copying: length {task.length}, {task.num_tokens} data tokens, vocabulary "
             f"{task.vocab_size}; {preset.shape.n_layer} layers, d_model {preset.shape.d_model}, batch "
-            f"{preset.batch_size}, Adam lr {preset.learning_rate}, seed {seed}, {jax.device_count()} "
-            f"{jax.devices()[0].platform} device(s). Chance: {100 * task.chance_accuracy:.1f}%.")
-  (out_dir / "results.md").write_text(f"{header}\n\n{table}\n")
-  (out_dir / "results.json").write_text(json.dumps(
-      {"task": dataclasses.asdict(task), "shape": dataclasses.asdict(preset.shape), "seed": seed,
-       "batch_size": preset.batch_size, "learning_rate": preset.learning_rate, "models": results,
-       "wall_seconds": round(time.perf_counter() - t_start, 1)}, indent=2))
+            f"{preset.batch_size}, Adam lr {preset.learning_rate}, seed {seed}, {cli.devices()}. "
+            f"Chance: {100 * task.chance_accuracy:.1f}%.")
+  cli.write_results(out_dir, preset, seed, results, t_start, f"{header}\n\n{table}")
   plotting.plot_accuracy_vs_step(histories, out_dir / "accuracy_vs_step.png",
                                  title=f"Selective Copying (length {task.length})",
                                  chance=task.chance_accuracy)
@@ -100,8 +87,7 @@ def preset_from_flags() -> Preset:
 
 def main(argv):
   del argv
-  out_dir = FLAGS.out_dir or f"runs/selective_copying_{FLAGS.preset}"
-  run(preset_from_flags(), out_dir, seed=FLAGS.seed, resume=FLAGS.resume, progress=FLAGS.progress)
+  cli.main("selective_copying", run, preset_from_flags())
 
 
 if __name__ == "__main__":
