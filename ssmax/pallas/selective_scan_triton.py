@@ -58,6 +58,24 @@ from ssmax.pallas.common import LOG2E as _LOG2E, MAX_STATE, dtype_reason, next_p
 from ssmax.pallas.common import typed_like
 
 
+def canonical(**arrays):
+  """``arrays`` (name -> array or None) as shapes and the dtypes JAX will give them: a NumPy
+  float64 array is float32 while ``jax_enable_x64`` is off, as every backend casts it."""
+  return {k: None if x is None else jax.ShapeDtypeStruct(
+      np.shape(x), jax.dtypes.canonicalize_dtype(jnp.result_type(x))) for k, x in arrays.items()}
+
+
+def empty_reason(**arrays):
+  """Why the kernels cannot take a zero-size dimension, or None: ``name=(array, axis names)``,
+  with None for an axis that may be empty or is checked elsewhere."""
+  for name, (x, axes) in arrays.items():
+    for size, axis in zip(np.shape(x), axes):
+      if axis is not None and size == 0:
+        return (f"{name} has a zero-size {axis} dimension (shape {tuple(np.shape(x))}); the "
+                "fused kernels need at least one")
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Tuning knobs; ``None`` picks a default from the shapes.
@@ -857,8 +875,11 @@ def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, initi
   """Why the fused kernel cannot take these (already checked) inputs, or None if it can."""
   if jnp.issubdtype(A.dtype, jnp.complexfloating):
     return "complex A is not supported by the fused kernel"
-  reason = dtype_reason(u=u, delta=delta, B=B, C=C, z=z, A=A, D=D, delta_bias=delta_bias,
-                        initial_state=initial_state)
+  reason = empty_reason(u=(u, ("batch", None, "channels")), A=(A, (None, "state")))
+  if reason is not None:
+    return reason
+  reason = dtype_reason(**canonical(u=u, delta=delta, B=B, C=C, z=z, A=A, D=D,
+                                    delta_bias=delta_bias, initial_state=initial_state))
   if reason is not None:
     return reason
   if A.shape[1] > MAX_STATE:
@@ -887,6 +908,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
     ``(batch, channels, state)`` float32. Differentiable in every array argument (``last_state``'s
     cotangent included) through a custom VJP.
   """
+  reason = unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state)
+  if reason is not None:
+    raise ValueError(f"the fused selective scan cannot take these inputs: {reason}")
+  # NumPy float64 arrays with x64 off become float32, as the other backends make them.
+  u, delta, A, B, C, D, z, delta_bias, initial_state = (
+      None if x is None else jnp.asarray(x)
+      for x in (u, delta, A, B, C, D, z, delta_bias, initial_state))
   config = config or Config()
   primal_plan = _make_plan(u, B, C, A, D, z, delta_bias, delta_softplus, interpret, config,
                            primal_only=True)
@@ -899,8 +927,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
                    initial_state)
 
 
+# A floor on A: a ragged last chunk runs its padding steps with Δ = 0, where A = -inf would make
+# Δ·A = 0·(-inf) = NaN. Any A below this (times log2 e still finite) decays to 0 in one step.
+_A_FLOOR = -0.5 * float(jnp.finfo(jnp.float32).max)
+
+
 def _prepare(p: _Plan, A, initial_state):
-  at = A.astype(jnp.float32).T
+  at = jnp.maximum(A.astype(jnp.float32), _A_FLOOR).T
   if initial_state is None:
     h0t = jnp.zeros((p.batch, p.state, p.channels), jnp.float32)
   else:

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ssmax.pallas.common import MAX_STATE, dtype_reason, next_pow2 as _next_pow2
+from ssmax.pallas.selective_scan_triton import canonical, empty_reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +141,11 @@ def unsupported_reason(state, u, delta, A, B, C, D=None, z=None, delta_bias=None
   if jnp.issubdtype(A.dtype, jnp.complexfloating) or jnp.issubdtype(state.dtype,
                                                                      jnp.complexfloating):
     return "complex A or state is not supported by the step kernel"
-  reason = dtype_reason(state=state, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
-                        delta_bias=delta_bias, delta_proj=delta_proj)
+  reason = empty_reason(state=(state, ("batch", "channels", "state")))
+  if reason is not None:
+    return reason
+  reason = dtype_reason(**canonical(state=state, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
+                                    delta_bias=delta_bias, delta_proj=delta_proj))
   if reason is not None:
     return reason
   if A.shape[1] > MAX_STATE:
@@ -168,6 +172,13 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
   Returns:
     ``(y, new_state)``: ``y`` ``(batch, channels)`` in ``u.dtype``, ``new_state`` float32.
   """
+  reason = unsupported_reason(state, u, delta, A, B, C, D, z, delta_bias, delta_proj)
+  if reason is not None:
+    raise ValueError(f"the fused step kernel cannot take these inputs: {reason}")
+  # NumPy float64 arrays with x64 off become float32, as the plain step makes them.
+  state, u, delta, A, B, C, D, z, delta_bias, delta_proj = (
+      None if x is None else jnp.asarray(x)
+      for x in (state, u, delta, A, B, C, D, z, delta_bias, delta_proj))
   p = _make_plan(state, delta, A, B, D, z, delta_bias, delta_proj, delta_softplus, interpret,
                  config or StepConfig())
   # Parameters go in as they are (bf16 in a bf16 model) and are cast inside: a cast outside would
