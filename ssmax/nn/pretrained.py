@@ -29,7 +29,10 @@ Vocabulary padding: the model's embedding has ``padded_vocab_size`` rows (``voca
 to ``pad_vocab_size_multiple``). A checkpoint may hold ``vocab_size`` rows or already the padded
 count; missing padding rows are filled with zeros. :func:`save_pretrained` writes all padded rows
 and ``vocab_size = padded_vocab_size``, as ``transformers``' own conversion of the official
-checkpoints does.
+checkpoints does (its model has no padding of its own), and keeps the real vocabulary in the extra
+key ``unpadded_vocab_size`` (``transformers`` keeps it as a config attribute and ignores it), which
+:func:`load_pretrained` reads back: ``config.vocab_size`` survives the round trip, so sampling
+never draws a padding id.
 """
 
 from __future__ import annotations
@@ -140,9 +143,12 @@ def config_from_dict(cfg: dict[str, Any], **overrides) -> MambaConfig:
   model_type = cfg.get("model_type", "mamba")
   if model_type != "mamba":
     raise ValueError(f"config model_type must be 'mamba'; got {model_type!r}")
-  if "d_model" in cfg:
+  if "d_model" in cfg:  # mamba_ssm writes no model_type
     fields = _fields_from_mamba_ssm(cfg)
   elif "hidden_size" in cfg:
+    if "model_type" not in cfg:  # every transformers config names it; many models have hidden_size
+      raise ValueError("config has 'hidden_size' (the transformers format) but no 'model_type'; "
+                       "a transformers Mamba config has model_type 'mamba'")
     fields = _fields_from_transformers(cfg)
   else:
     raise ValueError("config is neither the transformers format (no 'hidden_size') nor the "
@@ -189,7 +195,14 @@ def _fields_from_transformers(cfg):
   if "intermediate_size" in cfg and cfg["intermediate_size"] != expand * d_model:
     raise ValueError(f"config intermediate_size must equal expand * hidden_size = "
                      f"{expand * d_model}; got {cfg['intermediate_size']!r}")
-  fields = dict(d_model=d_model, n_layer=cfg["num_hidden_layers"], vocab_size=cfg["vocab_size"],
+  vocab = cfg["vocab_size"]
+  if "unpadded_vocab_size" in cfg:  # written by save_pretrained: the real vocabulary
+    real = cfg["unpadded_vocab_size"]
+    if isinstance(real, bool) or not isinstance(real, int) or not 1 <= real <= _int_or(vocab):
+      raise ValueError(f"config unpadded_vocab_size must be an int in [1, vocab_size={vocab!r}]; "
+                       f"got {real!r}")
+    vocab = real
+  fields = dict(d_model=d_model, n_layer=cfg["num_hidden_layers"], vocab_size=vocab,
                 d_state=cfg.get("state_size", 16), d_conv=cfg.get("conv_kernel", 4),
                 expand=expand, dt_rank=cfg.get("time_step_rank", "auto"),
                 bias=cfg.get("use_bias", False), conv_bias=cfg.get("use_conv_bias", True),
@@ -205,8 +218,13 @@ def _fields_from_transformers(cfg):
   return fields
 
 
+def _int_or(x, default=0):
+  return x if isinstance(x, int) and not isinstance(x, bool) else default
+
+
 def transformers_config(config: MambaConfig) -> dict[str, Any]:
-  """The ``transformers`` ``config.json`` dict of ``config`` (vocab written padded).
+  """The ``transformers`` ``config.json`` dict of ``config`` (vocab written padded, the real one
+  as ``unpadded_vocab_size``).
 
   Raises:
     ValueError: when ``config`` uses LayerNorm, no gate, or the ``s4d`` SSM, which
@@ -220,6 +238,7 @@ def transformers_config(config: MambaConfig) -> dict[str, Any]:
   return {
       "architectures": ["MambaForCausalLM"], "model_type": "mamba",
       "vocab_size": c.padded_vocab_size, "pad_vocab_size_multiple": c.pad_vocab_size_multiple,
+      "unpadded_vocab_size": c.vocab_size,
       "hidden_size": c.d_model, "num_hidden_layers": c.n_layer, "state_size": c.d_state,
       "expand": c.expand, "intermediate_size": c.d_inner, "conv_kernel": c.d_conv,
       "time_step_rank": c.resolved_dt_rank, "use_bias": c.bias, "use_conv_bias": c.conv_bias,

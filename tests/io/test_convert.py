@@ -216,11 +216,24 @@ def test_save_pretrained_loads_in_transformers_and_back(tmp_path, tie):
 
   again = MambaLM.from_pretrained(tmp_path)
   assert again.config.padded_vocab_size == PADDED and again.config.tie_embeddings == tie
+  assert again.config.vocab_size == VOCAB  # the real vocabulary survives (issue 18, defect 7)
   flat = lambda m: dict(nnx.to_flat_state(nnx.state(m, nnx.Param)))
   a, b = flat(ours), flat(again)
   assert a.keys() == b.keys()
   for path in a:
     np.testing.assert_array_equal(np.asarray(a[path].get_value()), np.asarray(b[path].get_value()))
+
+
+def test_save_pretrained_round_trip_samples_only_real_tokens(tmp_path):
+  """Issue 18, defect 7: the reloaded model's vocab_size was the padded one, so sampling at
+  temperature 1 drew ids >= the real vocabulary."""
+  ours = _random_model(12, n_layer=1)
+  ours.save_pretrained(tmp_path)
+  again = MambaLM.from_pretrained(tmp_path)
+  assert again.config == ours.config
+  prompt = jnp.asarray(_prompt(13, batch=8)[:, :3])
+  out = np.asarray(again.generate(prompt, 25, key=jax.random.key(0), temperature=1.0))
+  assert out.shape == (8, 28) and out.min() >= 0 and out.max() < VOCAB
 
 
 def test_save_pretrained_bfloat16(tmp_path):
@@ -330,12 +343,18 @@ def test_error_both_naming_schemes(tied, tmp_path):
     ({"d_model": 8, "n_layer": 1, "vocab_size": 9, "attn_layer_idx": [0]},
      "attn_layer_idx must be empty"),
     ({"d_model": 8, "vocab_size": 9}, "mamba_ssm config lacks 'n_layer'"),
-    ({"hidden_size": 8, "num_hidden_layers": 1, "vocab_size": 9, "hidden_act": "gelu"},
+    ({"model_type": "mamba", "hidden_size": 8, "num_hidden_layers": 1, "vocab_size": 9,
+      "hidden_act": "gelu"},
      "hidden_act must be 'silu'; got 'gelu'"),
-    ({"hidden_size": 8, "num_hidden_layers": 1, "vocab_size": 9, "intermediate_size": 12},
+    ({"model_type": "mamba", "hidden_size": 8, "num_hidden_layers": 1, "vocab_size": 9,
+      "intermediate_size": 12},
      "intermediate_size must equal expand \\* hidden_size = 16; got 12"),
-    ({"hidden_size": 8, "vocab_size": 9}, "transformers config lacks 'num_hidden_layers'"),
+    ({"model_type": "mamba", "hidden_size": 8, "vocab_size": 9},
+     "transformers config lacks 'num_hidden_layers'"),
     ({"n_embd": 8}, "neither the transformers format"),
+    ({"hidden_size": 8, "num_hidden_layers": 1, "vocab_size": 9}, "but no 'model_type'"),
+    ({"model_type": "mamba", "hidden_size": 8, "num_hidden_layers": 1, "vocab_size": 16,
+      "unpadded_vocab_size": 17}, r"unpadded_vocab_size must be an int in \[1, vocab_size=16\]"),
 ])
 def test_error_unsupported_config(cfg, message):
   with pytest.raises(ValueError, match=message):
