@@ -202,7 +202,7 @@ def plot(result, path) -> None:
   series = list(dict.fromkeys((r["size"], r["model"]) for r in result["rows"]))
   batches = list(dict.fromkeys(r["batch"] for r in result["rows"]))
   width = 0.8 / max(len(series), 1)
-  fig, ax = plotting.plt.subplots(figsize=(7.5, 4.2))
+  fig, ax = plotting.subplots(figsize=(7.5, 4.2))
   for i, (size, model) in enumerate(series):
     got = {r["batch"]: r["tokens_per_s"] for r in rows if (r["size"], r["model"]) == (size, model)}
     xs = [j + (i - (len(series) - 1) / 2) * width for j, b in enumerate(batches) if b in got]

@@ -107,8 +107,11 @@ def build_call(backend, kw, mode, config=None):
   return (lambda: compiled(*args)), harness.compiled_peak_bytes(compiled), compile_s
 
 
-def measure(shape, backend, mode, kw, config=None) -> dict:
+def measure(shape, backend, mode, kw, config_kv=None) -> dict:
+  """One cell: ``backend`` at ``shape`` in ``mode``; ``config_kv`` given, the pallas kernel with
+  ``ssmax.pallas.Config(**config_kv)``."""
   b, l, d, n = SHAPES[shape]
+  config = None if config_kv is None else ssmax.pallas.Config(**config_kv)
   call, peak, compile_s = build_call(backend, kw, mode, config)
   slow = backend == "sequential"
   seconds = harness.median_seconds(call, repeats=FLAGS.slow_iters if slow else FLAGS.iters,
@@ -141,8 +144,7 @@ def main(argv):
   for shape, backend, label, kv, modes in cells:
     kw = make_inputs(jax.random.PRNGKey(1), *SHAPES[shape], jnp.bfloat16)
     for mode in modes:
-      config = None if kv is None else ssmax.pallas.Config(**kv)
-      got = harness.attempt(lambda: measure(shape, backend, mode, kw, config), bench.log)
+      got = harness.attempt(lambda: measure(shape, backend, mode, kw, kv), bench.log)
       row = {**dict(shape=shape, backend=label, mode=mode, ms=float("nan"), peak_GiB=None,
                     GBps=float("nan"), compile_s=float("nan"), agree=None, config=kv), **got}
       row["frac_copy"] = row["GBps"] / bw

@@ -360,7 +360,7 @@ def plot(result, path) -> None:
   """Stacked bars: a decode step's microseconds by kernel category, per configuration."""
   rows = result["rows"]
   labels = [f"{r['size']} b{r['batch']} {r['backend']}" for r in rows]
-  fig, ax = plotting.plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+  fig, ax = plotting.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
   left = np.zeros(len(rows))
   traced = any(r["categories_us"] for r in rows)
   for i, cat in enumerate(CATEGORIES if traced else ()):

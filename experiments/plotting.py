@@ -7,10 +7,9 @@ import math
 import os
 from typing import Any, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+# Figures are built without pyplot, so importing this module leaves matplotlib's backend alone
+# (a notebook's inline plots keep working); savefig renders through Agg.
+from matplotlib.figure import Figure
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -21,11 +20,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
   return "\n".join(lines)
 
 
-def save(fig, path: str | os.PathLike) -> None:
-  """Writes ``fig`` as a PNG and closes it."""
+def subplots(figsize: tuple[float, float]):
+  """A figure with one axes, ``(fig, ax)``."""
+  fig = Figure(figsize=figsize)
+  return fig, fig.add_subplot()
+
+
+def save(fig: Figure, path: str | os.PathLike) -> None:
+  """Writes ``fig`` as a PNG."""
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def plot_accuracy_vs_step(histories: dict[str, list[dict[str, Any]]], path: str | os.PathLike, *,
@@ -34,7 +38,7 @@ def plot_accuracy_vs_step(histories: dict[str, list[dict[str, Any]]], path: str 
 
   ``histories`` maps a label to the records of :func:`experiments.train.train`.
   """
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  fig, ax = subplots(figsize=(6.4, 4.2))
   for i, (label, records) in enumerate(histories.items()):
     color = f"C{i}"
     tr = [r for r in records if r["kind"] == "train"]
@@ -54,7 +58,7 @@ def plot_accuracy_vs_length(results: dict[str, dict[int, float | None]], path: s
                             title: str, train_length: int | None = None,
                             chance: float | None = None) -> None:
   """Test accuracy against the sequence length on a log2 axis; ``None`` (not run) is left out."""
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  fig, ax = subplots(figsize=(6.4, 4.2))
   for i, (label, by_length) in enumerate(results.items()):
     pts = sorted((l, a) for l, a in by_length.items() if a is not None)
     ax.plot([l for l, _ in pts], [100 * a for _, a in pts], "o-", color=f"C{i}", ms=4, label=label)
