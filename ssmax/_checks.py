@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,8 +17,11 @@ def shape_of(x) -> tuple[int, ...]:
   return tuple(np.shape(x))
 
 
-def dtype_of(x):
-  return jnp.result_type(x)
+def dtype_of(x, name: str = "argument"):
+  try:
+    return jnp.result_type(x)
+  except TypeError:  # a string, None or other non-array: "data type '.1' not understood"
+    raise ValueError(f"{name} must be an array or a number; got {type(x).__name__} {x!r}") from None
 
 
 def rank(name: str, x, ranks: int | Sequence[int], what: str = "") -> int:
@@ -42,7 +46,9 @@ def shape(name: str, x, expected: Sequence[int | None], what: str = "") -> None:
 
 
 def floating(name: str, x, allow_complex: bool = False) -> None:
-  dt = dtype_of(x)
+  if x is None:
+    raise ValueError(f"{name} must be an array or a number; got None")
+  dt = dtype_of(x, name)
   ok = jnp.issubdtype(dt, jnp.floating) or (allow_complex and jnp.issubdtype(dt, jnp.complexfloating))
   if not ok:
     kind = "a floating or complex" if allow_complex else "a floating-point"
@@ -58,3 +64,39 @@ def positive_int(name: str, value) -> int:
 def one_of(name: str, value, choices: Sequence) -> None:
   if value not in choices:
     raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def finite_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+  """A real Python/NumPy number that is finite (and > 0 or >= 0 when asked); returns it as float."""
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+        and abs(value) <= _F32_MAX)  # False for NaN too
+  if ok and positive:
+    ok = value > 0
+  if ok and nonnegative:
+    ok = value >= 0
+  if not ok:
+    want = " > 0" if positive else " >= 0" if nonnegative else ""
+    raise ValueError(f"{name} must be a real number{want}, finite in float32; got {value!r}")
+  return float(value)
+
+
+def positive_finite_values(name: str, x) -> None:
+  """When ``x`` is concrete (not traced under jit), checks that every entry is finite and > 0.
+
+  Traced values cannot be inspected at trace time; those pass unchecked.
+  """
+  if isinstance(x, jax.core.Tracer):
+    return
+  v = np.asarray(x)
+  if not np.issubdtype(v.dtype, np.number) or np.iscomplexobj(v):
+    return  # the dtype checks report it
+  bad = ~(np.isfinite(v) & (v > 0))
+  if np.any(bad):
+    if v.ndim == 0:
+      raise ValueError(f"{name} must be finite and > 0; got {v.item()!r}")
+    first = v.reshape(-1)[np.flatnonzero(bad.reshape(-1))[0]].item()
+    raise ValueError(f"{name} must be finite and > 0 everywhere; got {int(np.sum(bad))} entries "
+                     f"that are not, e.g. {first!r}")

@@ -37,6 +37,7 @@ def _check(A, B, dt):
     elif len(_checks.shape_of(dt)) > 1 or _checks.shape_of(dt) not in ((), (1,), (n,)):
       raise ValueError(f"dt must be a scalar or have shape (1,) or ({n},) for diagonal A; "
                        f"got shape {_checks.shape_of(dt)}")
+  _checks.positive_finite_values("dt", dt)  # a step <= 0, NaN or inf gives NaN or a blow-up
   dtype = jnp.result_type(A, B, dt)
   dtype = jnp.result_type(dtype, jnp.float32)  # at least float32: expm and solve need it
   return (jnp.asarray(A, dtype), jnp.asarray(B, dtype), jnp.asarray(dt, dtype), r == 2)
@@ -67,10 +68,14 @@ def zoh(A, B, dt) -> tuple[jax.Array, jax.Array]:
   Args:
     A: ``(N, N)`` dense or ``(N,)`` diagonal state matrix, float or complex.
     B: ``(N,)`` input vector.
-    dt: step; a scalar for dense ``A``, a scalar or ``(N,)`` for diagonal ``A``.
+    dt: step > 0, finite; a scalar for dense ``A``, a scalar or ``(N,)`` for diagonal ``A``.
 
   Returns:
     ``Ab`` with ``A``'s shape and ``Bb (N,)``, in the common dtype (at least float32).
+
+  Raises:
+    ValueError: on a bad shape or dtype, or a concrete ``dt`` that is not finite and > 0 (a ``dt``
+      traced under ``jax.jit`` cannot be inspected and is not checked).
   """
   A, B, dt, dense = _check(A, B, dt)
   if not dense:
@@ -91,10 +96,14 @@ def bilinear(A, B, dt) -> tuple[jax.Array, jax.Array]:
   Args:
     A: ``(N, N)`` dense or ``(N,)`` diagonal state matrix, float or complex.
     B: ``(N,)`` input vector.
-    dt: step; a scalar for dense ``A``, a scalar or ``(N,)`` for diagonal ``A``.
+    dt: step > 0, finite; a scalar for dense ``A``, a scalar or ``(N,)`` for diagonal ``A``.
 
   Returns:
     ``Ab`` with ``A``'s shape and ``Bb (N,)``, in the common dtype (at least float32).
+
+  Raises:
+    ValueError: on a bad shape or dtype, or a concrete ``dt`` that is not finite and > 0 (a ``dt``
+      traced under ``jax.jit`` cannot be inspected and is not checked).
   """
   A, B, dt, dense = _check(A, B, dt)
   if not dense:

@@ -87,6 +87,8 @@ class MambaConfig:
     if self.dt_rank != "auto":
       _checks.positive_int("dt_rank", self.dt_rank)
     check_dt_range(self.dt_min, self.dt_max, self.dt_init_floor)
+    _checks.finite_number("dt_scale", self.dt_scale, positive=True)
+    _checks.finite_number("norm_epsilon", self.norm_epsilon, positive=True)
     _checks.one_of("dt_init", self.dt_init, DT_INITS)
     _checks.one_of("ssm", self.ssm, SSM_KINDS)
     _checks.one_of("s4d_init", self.s4d_init, S4D_INITS)
@@ -94,10 +96,6 @@ class MambaConfig:
     if self.sequence_axis is not None and not isinstance(self.sequence_axis, str):
       raise ValueError(f"sequence_axis must be a mesh axis name (str) or None; got "
                        f"{self.sequence_axis!r}")
-    if not self.norm_epsilon > 0:
-      raise ValueError(f"norm_epsilon must be > 0; got {self.norm_epsilon!r}")
-    if not self.dt_scale > 0:
-      raise ValueError(f"dt_scale must be > 0; got {self.dt_scale!r}")
     for name in ("dtype", "param_dtype"):
       if not jnp.issubdtype(getattr(self, name), jnp.floating):
         raise ValueError(f"{name} must be a floating-point dtype; got {getattr(self, name)!r}")
@@ -122,7 +120,11 @@ def resolve_dt_rank(dt_rank: int | str, d_model: int) -> int:
 
 
 def check_dt_range(dt_min: float, dt_max: float, dt_init_floor: float = 0.0) -> None:
-  """Δ's init range must be positive and ordered (the log-uniform sample takes logs of both)."""
+  """Δ's init range must be finite, positive and ordered (the log-uniform sample takes logs of
+  both)."""
+  _checks.finite_number("dt_min", dt_min, positive=True)
+  _checks.finite_number("dt_max", dt_max, positive=True)
+  _checks.finite_number("dt_init_floor", dt_init_floor, nonnegative=True)
   if not 0 < dt_min <= dt_max:
     raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max; got dt_min={dt_min!r}, "
                      f"dt_max={dt_max!r}")
