@@ -183,6 +183,12 @@ def causal_conv(u, K) -> jax.Array:
 
   Both signals are zero-padded to ``length + taps - 1`` before the FFT, so nothing wraps around.
 
+  On the CPU the FFTs are put on one dependency chain (``lax.optimization_barrier``): the kernel's
+  FFT waits for ``u``, ``u``'s for the kernel's. XLA otherwise runs independent FFTs at once (the
+  kernel FFTs of a stack of S4D layers depend only on parameters), and two ducc0 FFTs at once of
+  length >= 2048 could wait forever on each other in the runtime's thread pool: a multi-layer S4D
+  model hung on a 2-core CPU (issue 18, defect 11). Values are unchanged.
+
   Args:
     u: ``(batch, length, channels)`` or ``(length, channels)``, real float.
     K: ``(taps, channels)`` one kernel per channel, or ``(taps,)`` shared; real float. Taps past
@@ -208,8 +214,14 @@ def causal_conv(u, K) -> jax.Array:
   K = K[:l].astype(work)
   K = K[:, None] if rk == 1 else K
   n = l + K.shape[0] - 1
-  uf = jnp.fft.rfft(u.astype(work), n=n, axis=-2)
+  u = u.astype(work)
+  serial = jax.default_backend() == "cpu"
+  if serial:  # the kernel's FFT waits for u (see _one_fft_at_a_time)
+    K, u = lax.optimization_barrier((K, u))
   kf = jnp.fft.rfft(K, n=n, axis=0)
+  if serial:  # u's FFT waits for the kernel's
+    kf, u = lax.optimization_barrier((kf, u))
+  uf = jnp.fft.rfft(u, n=n, axis=-2)
   y = jnp.fft.irfft(uf * kf, n=n, axis=-2)[..., :l, :]
   return y.astype(out_dtype)
 
