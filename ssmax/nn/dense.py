@@ -11,7 +11,7 @@ from flax import nnx
 # XLA's GPU compiler rewrites a vector-matrix product whose operands hold fewer than 10^7 elements
 # into a multiply and a reduction over the matrix's major axis (its DotStrengthReduction pass). At
 # batch 1 such products ran several times below memory bandwidth on an H100
-# (experiments/profile_decode.py); computed as two rows, they stay matrix products (cuBLAS or a
+# (benchmarks/profile_decode.py); computed as two rows, they stay matrix products (cuBLAS or a
 # Triton GEMM).
 
 

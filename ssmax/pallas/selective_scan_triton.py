@@ -89,7 +89,7 @@ class Config:
     num_warps: warps per forward program.
     bwd_block_channels, bwd_num_warps: the same for the backward programs.
     bwd_reload: reload a step's inputs in the backward's reverse walk instead of keeping them live
-      (fewer register spills; faster on an H100, see experiments/NOTES-scan.md).
+      (fewer register spills; faster on an H100, see docs/kernel-notes.md).
     target_programs: programs per launch that the default number of splits aims at.
     layout: how a program holds its state. ``"rows"``: one list entry per state, each a vector
       over the program's channels, so a thread owns one channel's whole state and reductions over

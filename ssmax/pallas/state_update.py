@@ -12,7 +12,7 @@ Here they are one launch: a program owns one batch element and ``block_channels`
 their ``(block_channels, state)`` state tile, the low-rank Δ input and its slice of ``delta_proj``,
 and writes y and the new state over the old one (the state is an aliased input-output). In whole
 decode steps on an H100 it was not faster than XLA's fusions (the copies and slices around it add
-launches; experiments/NOTES-scan.md), so ``backend="auto"`` does not pick it.
+launches; docs/kernel-notes.md), so ``backend="auto"`` does not pick it.
 
 Not differentiable on its own: :func:`selective_state_update` wraps it in a ``custom_vjp`` whose
 backward differentiates the plain JAX step. Pallas Triton lowering.
@@ -40,8 +40,8 @@ class StepConfig:
     block_channels: channels per program (a power of two), default 64. With several B/C groups
       it is capped so that a program never straddles two groups.
     num_warps: warps per program, default 2. Of six blockings timed on an H100 at the 130M and
-      1.4B layer shapes (experiments/results/profile_decode_h100_run1.md), 64 x 2 was the
-      fastest or within 2 µs of it; 32 channels x 4 warps took 2.3x as long at 1.4B, batch 64.
+      1.4B layer shapes (results/profile_decode/2026-11-23_h100_run1/), 64 x 2 was the fastest
+      or within 2 µs of it; 32 channels x 4 warps took 2.3x as long at 1.4B, batch 64.
   """
 
   block_channels: int | None = None

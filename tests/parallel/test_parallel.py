@@ -118,23 +118,6 @@ def _worker(out_dir: str) -> None:
   results.update(_model_step(out_dir))
   results.update(_layers(out_dir))
 
-  # The benchmark end to end at tiny sizes (in this process: its compilations are the cost).
-  from absl import flags
-
-  from benchmarks import bench_parallel
-
-  # Without the length search (two more compilations); its logic is tested on its own below.
-  flags.FLAGS(["bench_parallel", "--tiny", "--repeats=1", "--nosearch",
-               f"--out={os.path.join(out_dir, 'bench.json')}"])
-  bench_parallel.main([])
-
-  search = {
-      "fits_below_5000": bench_parallel.longest_fit(lambda n: n <= 5000, 1024, 1 << 20, 256),
-      "always_fits": bench_parallel.longest_fit(lambda n: True, 1024, 5000, 256),
-      "never_fits": bench_parallel.longest_fit(lambda n: False, 1024, 1 << 20, 256),
-  }
-  with open(os.path.join(out_dir, "search.json"), "w") as f:
-    json.dump(search, f)
   np.savez(os.path.join(out_dir, "results.npz"), **{k: np.asarray(v) for k, v in results.items()})
   with open(os.path.join(out_dir, "errors.json"), "w") as f:
     json.dump(errors, f)
@@ -269,7 +252,7 @@ def worker(tmp_path_factory):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   results = dict(np.load(out / "results.npz"))
   info = {name: json.loads((out / f"{name}.json").read_text())
-          for name in ("errors", "search", "bench")}
+          for name in ("errors",)}
   return inputs, results, info
 
 
@@ -412,25 +395,7 @@ def test_multi_device_errors(worker, name, match):
   assert re.search(match, errors[name]), errors[name]
 
 
-def test_longest_fit_search_doubles_then_bisects(worker):
-  search = worker[2]["search"]
-  # Fits up to 5000: 1024, 2048, 4096 fit, 8192 fails; bisection in steps of 256 ends at 4864.
-  got = search["fits_below_5000"]
-  assert got["longest"] == 4864 and got["first_failure"] == 5120 and not got["capped"]
-  assert {int(k) for k in got["tried"]} == {1024, 2048, 4096, 8192, 6144, 5120, 4608, 4864}
-  assert search["always_fits"]["longest"] == 4096 and search["always_fits"]["capped"]
-  never = search["never_fits"]
-  assert never["longest"] is None and never["first_failure"] == 256
-
-
-def test_bench_parallel_runs_on_four_cpu_devices(worker):
-  result = worker[2]["bench"]
-  assert result["n"] == DEVICES and result["tiny"]
-  assert [r["devices"] for r in result["scan"]] == [1, DEVICES]
-  assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in result["scan"])
-  assert [r["mesh"] for r in result["train"]] == ["data=1", f"data={DEVICES}", f"seq={DEVICES}"]
-  assert all(r["step_ms"] > 0 for r in result["train"])
-  assert result["longest_fit"] == []  # --nosearch
+# The benchmark on four CPU devices: tests/benchmarks/test_bench_parallel.py.
 
 
 # Errors that need no second device: in this process.
