@@ -39,8 +39,11 @@ def kernel_unsupported_reason(x: ScanInputs, sequence_axis=None) -> str | None:
   reason = pallas.unsupported_reason(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias,
                                      x.initial_state)
   if reason is None and sequence_axis is not None and not pallas.SUPPORTS_SHARD_MAP:
-    reason = "the fused kernel does not run inside shard_map (sequence_axis) yet"
+    reason = _NO_SHARD_MAP
   return reason
+
+
+_NO_SHARD_MAP = "the fused kernel does not run inside shard_map (sequence_axis) yet"
 
 
 def resolve(backend, x: ScanInputs, sequence_axis=None) -> Backend:
@@ -50,6 +53,9 @@ def resolve(backend, x: ScanInputs, sequence_axis=None) -> Backend:
     return backend
   reason = kernel_unsupported_reason(x, sequence_axis)
   if backend is Backend.PALLAS:
+    if reason == _NO_SHARD_MAP:
+      raise ValueError(f'backend="pallas" does not support sequence_axis yet: {reason}; use '
+                       'backend="auto" or "associative"')
     if reason is not None:
       raise ValueError(f'backend="pallas" cannot take these inputs: {reason}; use '
                        'backend="auto" or "associative"')
