@@ -78,8 +78,8 @@ def finite_number(name: str, value, *, positive: bool = False, nonnegative: bool
   if ok and nonnegative:
     ok = value >= 0
   if not ok:
-    want = " > 0" if positive else " >= 0" if nonnegative else ""
-    raise ValueError(f"{name} must be a real number{want}, finite in float32; got {value!r}")
+    want = "> 0 and" if positive else ">= 0 and" if nonnegative else "a real number,"
+    raise ValueError(f"{name} must be {want} finite in float32; got {value!r}")
   return float(value)
 
 
