@@ -131,6 +131,10 @@ flags.DEFINE_integer("max_test_log2", None, "Test up to length 2^this; default: 
 flags.DEFINE_integer("eval_chunk", None, "Tokens read per chunk at long test lengths; default: the preset's.")
 flags.DEFINE_integer("transformer_max_test_length", None, "Longest length the Transformers are tested "
                      "at; default: the preset's.")
+flags.DEFINE_bool("pack", False, "Train on rows that pack --pack_documents examples of mixed lengths "
+                  "(tasks.PackedInductionHeads, segment_ids); Mamba-family models only. Testing is "
+                  "unchanged (one example per row).")
+flags.DEFINE_integer("pack_documents", 4, "Examples per training row with --pack.")
 
 
 def preset_from_flags() -> Preset:
@@ -141,7 +145,20 @@ def preset_from_flags() -> Preset:
     changes["shape"] = dataclasses.replace(changes.get("shape", preset.shape),
                                            max_len=max(changes["transformer_max_test_length"],
                                                        preset.task.length))
-  return dataclasses.replace(preset, **changes)
+  preset = dataclasses.replace(preset, **changes)
+  if FLAGS.pack:
+    attention = [m for m in preset.models if m in models.TRANSFORMER_MODELS]
+    if attention:
+      raise app.UsageError(f"--pack trains Mamba-family models only (they take segment_ids); "
+                           f"drop {attention} from --models")
+    length, documents = preset.task.length, FLAGS.pack_documents
+    if documents < 1 or 3 * documents > length:
+      raise app.UsageError(f"--pack_documents must be in [1, {length // 3}] for length {length}; "
+                           f"got {documents}")
+    preset = dataclasses.replace(preset, task=tasks.PackedInductionHeads(
+        length=length, vocab_size=preset.task.vocab_size, documents=documents,
+        min_length=max(3, length // (4 * documents))))
+  return preset
 
 
 def main(argv):

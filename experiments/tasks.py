@@ -10,6 +10,10 @@ only on the key, so smaller presets are the same task with smaller numbers.
 Token conventions follow the S4 repository's copying generator, from which the paper's Selective
 Copying task comes: token 0 is the noise (blank) token, ``vocab_size - 1`` the marker that asks for
 the next memorised token, and the data tokens are ``1 .. vocab_size - 2``.
+
+:class:`PackedInductionHeads` packs examples of mixed lengths into each row (a
+:class:`PackedBatch` with ``segment_ids``), the variable-length form of Induction Heads that
+``--pack`` trains on.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ssmax import _checks
+from ssmax.scan import segment_ids_from_lengths
 
 
 class Batch(NamedTuple):
@@ -149,6 +154,85 @@ class InductionHeads:
     targets = jnp.zeros((b, l), jnp.int32).at[:, l - 1].set(answer)
     mask = jnp.zeros((b, l), jnp.float32).at[:, l - 1].set(1.0)
     return Batch(inputs, targets, mask)
+
+
+class PackedBatch(NamedTuple):
+  """A :class:`Batch` of packed documents: every field ``(batch, length)``; ``segment_ids``
+  (int32) numbers the documents of each row (a new one starts where it changes), for the model's
+  ``segment_ids`` argument."""
+
+  inputs: jax.Array
+  targets: jax.Array
+  mask: jax.Array
+  segment_ids: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedInductionHeads:
+  """:class:`InductionHeads` examples of mixed lengths packed into rows of ``length`` tokens.
+
+  Each row holds ``documents`` examples back to back, of random lengths ``>= min_length`` adding
+  up to ``length`` (each example: special token at a random position, again at its last
+  position, the answer scored there), told apart by ``segment_ids``. A model reading them with
+  ``segment_ids`` sees each example as if alone: the variable-length version of the task, with no
+  padding. Evaluation uses :attr:`unpacked`, the task at full ``length``.
+  """
+
+  length: int = 256
+  vocab_size: int = 16
+  documents: int = 4
+  min_length: int = 8
+
+  def __post_init__(self):
+    for name in ("length", "vocab_size", "documents", "min_length"):
+      _checks.positive_int(name, getattr(self, name))
+    if self.min_length < 3:
+      raise ValueError(f"min_length must be >= 3 (special, answer, special); got {self.min_length}")
+    if self.vocab_size < 2:
+      raise ValueError(f"vocab_size must be >= 2; got {self.vocab_size}")
+    if self.documents * self.min_length > self.length:
+      raise ValueError(f"documents * min_length must be <= length={self.length}; got "
+                       f"{self.documents} * {self.min_length}")
+
+  @property
+  def unpacked(self) -> InductionHeads:
+    return InductionHeads(length=self.length, vocab_size=self.vocab_size)
+
+  @property
+  def special_token(self) -> int:
+    return self.vocab_size - 1
+
+  @property
+  def chance_accuracy(self) -> float:
+    return 1.0 / (self.vocab_size - 1)
+
+  def with_length(self, length: int) -> InductionHeads:
+    """The unpacked task at ``length`` (testing is on whole rows, one example each)."""
+    return self.unpacked.with_length(length)
+
+  def sample(self, key: jax.Array, batch_size: int) -> PackedBatch:
+    """Draws ``batch_size`` rows of ``documents`` examples each; fields ``(batch_size, length)``."""
+    _checks.positive_int("batch_size", batch_size)
+    b, l, n = batch_size, self.length, self.documents
+    k_len, k_tok, k_pos = jax.random.split(key, 3)
+    # Lengths: min_length each, the rest split at n - 1 uniform cut points.
+    spare = l - n * self.min_length
+    cuts = jnp.sort(jax.random.randint(k_len, (b, n - 1), 0, spare + 1), axis=-1)
+    edges = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), cuts,
+                             jnp.full((b, 1), spare, jnp.int32)], axis=-1)
+    lengths = jnp.diff(edges, axis=-1) + self.min_length  # (b, n), sums to l
+    ends = jnp.cumsum(lengths, axis=-1)
+    starts = ends - lengths
+    segment_ids = segment_ids_from_lengths(lengths, l)
+    inputs = jax.random.randint(k_tok, (b, l), 0, self.vocab_size - 1, dtype=jnp.int32)
+    # The first special token of each example at a uniform position in [start, end - 3].
+    pos = starts + jnp.floor(jax.random.uniform(k_pos, (b, n)) * (lengths - 2)).astype(jnp.int32)
+    rows = jnp.arange(b)[:, None]
+    inputs = inputs.at[rows, pos].set(self.special_token).at[rows, ends - 1].set(self.special_token)
+    answer = inputs[rows, pos + 1]
+    targets = jnp.zeros((b, l), jnp.int32).at[rows, ends - 1].set(answer)
+    mask = jnp.zeros((b, l), jnp.float32).at[rows, ends - 1].set(1.0)
+    return PackedBatch(inputs, targets, mask, segment_ids)
 
 
 TASKS = {"copying": Copying, "selective_copying": SelectiveCopying, "induction_heads": InductionHeads}

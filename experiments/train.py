@@ -6,7 +6,7 @@ visible device (one ``"data"`` axis), shards each batch along it, and runs an ``
 ``fold_in(data_key, step)``, so the data stream is a function of the seed and the step alone.
 Every ``checkpoint_every`` steps Orbax saves the parameters, the optimizer state, the step and the
 data key; ``resume=True`` restores the latest checkpoint and continues bit-identically (the
-metrics file is cut back to the restored step). Progress goes to a tqdm bar and to
+metrics file is cut back to the restored step; see "Resume semantics" below). Progress goes to a tqdm bar and to
 ``metrics.jsonl``: ``{"kind": "train", "step", "loss", "accuracy", "time_s"}`` averaged over the
 last ``log_every`` steps and ``{"kind": "eval", "step", "loss", "accuracy"}`` on a fixed
 validation set.
@@ -14,6 +14,34 @@ validation set.
 :func:`evaluate` scores a model on a task and can walk long sequences in chunks, carrying the
 recurrent state (Mamba) or the KV cache (Transformer) from one chunk to the next, so that memory
 stays bounded by the chunk length; it raises on non-finite logits instead of reporting NaN.
+
+Resume semantics. A run directory holds ``metrics.jsonl`` and, with ``checkpoint_every > 0``,
+``checkpoints/<step>/`` (the newest two). :func:`train` never silently overwrites a run:
+
+* Without ``resume``, a directory that already holds a run (checkpoints, or a non-empty
+  ``metrics.jsonl``) is refused with a ``ValueError``: resume it or choose another directory.
+* With ``resume`` and no checkpoint:
+
+  - an empty or new directory starts from step 0 (there is nothing to resume);
+  - a directory whose ``metrics.jsonl`` has records but which has no finished checkpoint (the run
+    had ``checkpoint_every=0``, or was killed before its first save finished, which leaves only
+    an interrupted ``*.orbax-checkpoint-tmp*`` folder) is refused with a ``ValueError`` naming
+    the directory, the last recorded step and any interrupted save: it cannot be continued, and
+    restarting it would overwrite its records.
+
+* With ``resume`` and checkpoints, the latest checkpoint that reads back is restored (model,
+  optimizer, data key) and training continues from its step to ``steps``, bit-identically to a
+  run that was never stopped; records after that step are dropped from ``metrics.jsonl`` (they
+  are redone), and the final evaluation is redone. A finished run resumed only redoes that
+  evaluation.
+* A checkpoint ahead of ``steps`` (``--resume --steps=40`` with the latest checkpoint at step 50)
+  is refused with a ``ValueError`` before anything is touched: the run is already past ``steps``,
+  and cutting it back would lose records; pass ``steps`` >= the checkpoint's step.
+* A latest checkpoint that does not read back (data files deleted, truncated or altered, the
+  step folder emptied) is moved aside to ``<run_dir>/corrupt_checkpoint_<step>`` with a
+  ``RuntimeWarning`` that names the run and the step, and the previous checkpoint is restored
+  instead (training redoes the steps in between). When none reads back, a ``ValueError`` names
+  the run and each step with its error. Interrupted saves are ignored with a warning.
 """
 
 from __future__ import annotations
@@ -23,7 +51,9 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,8 +67,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from experiments import models
-from experiments.tasks import Batch
+from experiments.tasks import Batch, PackedBatch
 from ssmax import _checks
+from ssmax.io import checkpoint as ssmax_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +85,8 @@ class TrainConfig:
     eval_every: steps between ``"eval"`` records (0: only after the last step).
     eval_examples: size of the fixed validation set.
     checkpoint_every: steps between checkpoints (0: none); a multiple of ``log_every``.
-    resume: restore the latest checkpoint in the run directory, if any.
+    resume: continue the run in the run directory from its latest good checkpoint (see
+      "Resume semantics" in the module docstring).
     progress: show the tqdm bar.
   """
 
@@ -131,7 +163,8 @@ def evaluate(model: nnx.Module, task, key: jax.Array, examples: int, batch_size:
 
   Args:
     model: a model of :mod:`experiments.models`; ``model(tokens)`` gives ``(b, l, vocab)`` logits.
-    task: a task of :mod:`experiments.tasks`.
+    task: a task of :mod:`experiments.tasks`; a packed task is evaluated unpacked (its
+      ``unpacked`` task: one example per row, at full length).
     key: seeds the validation set (the same key gives the same set).
     examples: number of sequences; rounded up to whole batches.
     batch_size: sequences per forward pass.
@@ -147,6 +180,7 @@ def evaluate(model: nnx.Module, task, key: jax.Array, examples: int, batch_size:
   """
   _checks.positive_int("examples", examples)
   _checks.positive_int("batch_size", batch_size)
+  task = getattr(task, "unpacked", task)
   length = task.length
   chunked = chunk is not None and _checks.positive_int("chunk", chunk) < length
   if chunked and length % chunk:
@@ -182,10 +216,16 @@ def data_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 
 
+def model_kwargs(batch) -> dict:
+  """``segment_ids`` for the model when ``batch`` is a :class:`~experiments.tasks.PackedBatch`
+  (several documents per row, each read as if alone); nothing otherwise."""
+  return {"segment_ids": batch.segment_ids} if isinstance(batch, PackedBatch) else {}
+
+
 @functools.partial(nnx.jit, donate_argnums=(0, 1))
 def _train_step(model, optimizer, batch):
   def loss_fn(model):
-    return masked_loss_and_accuracy(model(batch.inputs), batch)
+    return masked_loss_and_accuracy(model(batch.inputs, **model_kwargs(batch)), batch)
 
   (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
@@ -198,11 +238,80 @@ def sampler(task, batch_size: int, sharding: NamedSharding | None = None):
   return jax.jit(lambda key: task.sample(key, batch_size), out_shardings=sharding)
 
 
-def _read_records(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+def _read_records(path: Path, up_to_step: float = math.inf) -> list[dict[str, Any]]:
   if not path.exists():
     return []
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  lines = path.read_text().splitlines()
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i == len(lines) - 1:
+        break  # the last line of a run killed while writing it
+      raise ValueError(f"{path} line {i + 1} is not JSON: {line[:80]!r}") from None
   return [r for r in records if r.get("step", 0) <= up_to_step]
+
+
+def _checkpoint_state(model, optimizer, data_key):
+  return {"model": nnx.to_pure_dict(nnx.state(model)),
+          "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
+          "data_key": jax.random.key_data(data_key)}
+
+
+def _restore(manager, step, model, optimizer, data_key, sharding):
+  """Restores ``step`` into ``model`` and ``optimizer``; returns the saved data key."""
+  target = _checkpoint_state(model, optimizer, data_key)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          target)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))["state"]
+  for key, obj in (("model", model), ("optimizer", optimizer)):
+    state = nnx.state(obj)
+    nnx.replace_by_pure_dict(state, restored[key])
+    nnx.update(obj, state)
+  return jax.random.wrap_key_data(restored["data_key"])
+
+
+def _resume(manager, run_dir: Path, config: TrainConfig, model, optimizer, data_key, sharding):
+  """The step to continue from and the data key, after restoring the latest good checkpoint
+  (module docstring, "Resume semantics"). Raises ValueError where the run cannot continue."""
+  ckpt_dir = run_dir / "checkpoints"
+  interrupted = ssmax_checkpoint.interrupted_saves(ckpt_dir)
+  if interrupted:
+    warnings.warn(f"run {run_dir}: ignoring interrupted checkpoint saves "
+                  f"{[p.name for p in interrupted]}", RuntimeWarning, stacklevel=3)
+  steps = sorted(manager.all_steps()) if manager is not None else []
+  if not steps:
+    recorded = _read_records(run_dir / "metrics.jsonl")
+    if recorded:
+      why = (f"only interrupted saves {[p.name for p in interrupted]}" if interrupted else
+             "no checkpoints (it ran with checkpoint_every=0)")
+      raise ValueError(f"cannot resume run {run_dir}: its metrics.jsonl has records up to step "
+                       f"{max(r.get('step', 0) for r in recorded)} but it has {why}; rerun it in "
+                       "a new directory (or delete this one)")
+    return 0, data_key
+  if steps[-1] > config.steps:
+    raise ValueError(f"cannot resume run {run_dir} with steps={config.steps}: its latest "
+                     f"checkpoint is at step {steps[-1]}, past that; pass steps >= {steps[-1]}")
+  errors = []
+  for step in reversed(steps):
+    try:
+      return step, _restore(manager, step, model, optimizer, data_key, sharding)
+    except Exception as e:  # TensorStore, Orbax and KeyError on damaged files
+      errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+      aside = run_dir / f"corrupt_checkpoint_{step}"
+      warnings.warn(f"run {run_dir}: checkpoint step {step} is corrupt and is moved to {aside} "
+                    f"({type(e).__name__}: {str(e)[:200]}); falling back to the previous one",
+                    RuntimeWarning, stacklevel=3)
+      if aside.exists():
+        shutil.rmtree(aside)
+      shutil.move(str(ckpt_dir / str(step)), aside)
+      manager.reload()
+  raise ValueError(f"cannot resume run {run_dir}: no checkpoint reads back (" + "; ".join(errors)
+                   + "); the damaged steps were moved to corrupt_checkpoint_<step>")
 
 
 def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfig,
@@ -239,30 +348,24 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
   data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
+  ckpt_dir = (run_dir / "checkpoints").absolute()
+  metrics_path = run_dir / "metrics.jsonl"
   manager = None
-  if config.checkpoint_every:
+  if config.checkpoint_every or (config.resume and ckpt_dir.is_dir()):
     manager = ocp.CheckpointManager(
-        (run_dir / "checkpoints").absolute(),
+        ckpt_dir,
         options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
   start = 0
-  if manager is not None and manager.latest_step() is not None and not config.resume:
-    raise ValueError(f"run_dir {str(run_dir)!r} already holds checkpoints (latest step "
-                     f"{manager.latest_step()}); resume it or choose another directory")
-  if config.resume and manager is not None and manager.latest_step() is not None:
-    start = manager.latest_step()
-    target = {"model": nnx.to_pure_dict(nnx.state(model)),
-              "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
-              "data_key": jax.random.key_data(data_key)}
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), target)
-    restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    restored = restored["state"]
-    for key, obj in (("model", model), ("optimizer", optimizer)):
-      state = nnx.state(obj)
-      nnx.replace_by_pure_dict(state, restored[key])
-      nnx.update(obj, state)
-    data_key = jax.random.wrap_key_data(restored["data_key"])
+  if not config.resume:
+    if manager is not None and manager.latest_step() is not None:
+      raise ValueError(f"run_dir {str(run_dir)!r} already holds checkpoints (latest step "
+                       f"{manager.latest_step()}); resume it or choose another directory")
+    if metrics_path.exists() and metrics_path.read_text().strip():
+      raise ValueError(f"run_dir {str(run_dir)!r} already holds a run ({metrics_path.name} has "
+                       "records); resume it or choose another directory")
+  else:
+    start, data_key = _resume(manager, run_dir, config, model, optimizer, data_key, replicated)
 
-  metrics_path = run_dir / "metrics.jsonl"
   records = _read_records(metrics_path, start) if start else []
   # The final evaluation is always redone, so a finished run resumed keeps one copy of it.
   records = [r for r in records if not (r["kind"] == "eval" and r["step"] == config.steps)]
@@ -304,10 +407,8 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
       window_loss = window_acc = 0.0
     if config.eval_every and done % config.eval_every == 0 and done != config.steps:
       run_eval(done)
-    if manager is not None and done % config.checkpoint_every == 0:
-      state = {"model": nnx.to_pure_dict(nnx.state(model)),
-               "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
-               "data_key": jax.random.key_data(data_key)}
+    if config.checkpoint_every and done % config.checkpoint_every == 0:
+      state = _checkpoint_state(model, optimizer, data_key)
       manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     if on_step is not None:
       on_step(done)
