@@ -3,6 +3,11 @@
 Defect 9: ``A = -inf`` at a length that is not a multiple of the chunk gave a NaN last state
 (0·(-inf) in the padding steps). Zero-size batch, channel or state dimensions raised
 ZeroDivisionError; NumPy float64 inputs were refused with x64 off, which the other backends cast.
+
+The kernel-level checks call the Triton kernel (where these fixes are); the public calls with
+``backend="pallas"`` check whatever kernel runs it on this machine, so a new kernel (Mosaic GPU)
+must give the same answers: its ``unsupported_reason`` can reuse ``selective_scan_triton.
+empty_reason`` and ``canonical``.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import pytest
 import oracle
 import seeds
 import ssmax
-from ssmax import pallas as ssmax_pallas
+from ssmax.pallas import selective_scan_triton as triton_scan
 
-SMALL = ssmax_pallas.Config(chunk=4, splits=2)
+SMALL = triton_scan.Config(chunk=4, splits=2)
 
 
 def _inputs(b=1, l=11, d=3, n=2, dtype=np.float32):
@@ -35,7 +40,7 @@ def test_minus_inf_A_at_a_ragged_length_gives_a_finite_last_state():
   x["A"][1, :] = -np.inf
   want_y, want_h = oracle.numpy_scan(**x)
   k = dict(x, B=x["B"][:, :, None], C=x["C"][:, :, None])
-  y, h = ssmax_pallas.selective_scan(**k, interpret=True, config=SMALL)
+  y, h = triton_scan.selective_scan(**k, interpret=True, config=SMALL)
   assert np.all(np.isfinite(h)) and np.all(np.isfinite(y))
   assert oracle.rel_err(h, want_h) < 1e-5
   assert oracle.rel_err(y, want_y) < 1e-5
@@ -49,7 +54,7 @@ def test_zero_size_dimension_is_a_value_error(shape, axis):
   with pytest.raises(ValueError, match=f"zero-size {axis}"):
     ssmax.selective_scan(**x, backend="pallas")
   with pytest.raises(ValueError, match=f"zero-size {axis}"):
-    ssmax_pallas.selective_scan(**dict(x, B=x["B"][:, :, None], C=x["C"][:, :, None]),
+    triton_scan.selective_scan(**dict(x, B=x["B"][:, :, None], C=x["C"][:, :, None]),
                                 interpret=True)
   # The other backends take it.
   assert ssmax.selective_scan(**x, backend="associative").shape == (b, l, d)

@@ -14,9 +14,9 @@ import pytest
 import oracle
 import seeds
 import ssmax
-from ssmax import pallas as ssmax_pallas
+from ssmax.pallas import selective_scan_triton as triton_scan
 
-SMALL = ssmax_pallas.Config(chunk=2, splits=1)
+SMALL = triton_scan.Config(chunk=2, splits=1)
 BACKENDS = ["sequential", "associative", "pallas"]
 
 
@@ -31,7 +31,7 @@ def test_scan_forward_and_backward_under_x64(backend):
       a = {**args, "u": u, "delta": delta, "B": B}
       if backend == "pallas":  # the kernel itself, with a short chunk: interpret mode is slow
         a.update(B=a["B"][:, :, None], C=a["C"][:, :, None])  # the kernel takes groups
-        y, h = ssmax_pallas.selective_scan(**a, interpret=True, config=SMALL)
+        y, h = triton_scan.selective_scan(**a, interpret=True, config=SMALL)
       else:
         y, h = ssmax.selective_scan(**a, return_last_state=True, backend=backend)
       return jnp.sum(y * y) + jnp.sum(h), (y, h)
