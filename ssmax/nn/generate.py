@@ -90,8 +90,10 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, key: jax.Array | 
   _checks.rank("prompt", prompt, 2, "(batch, prompt_length)")
   if not jnp.issubdtype(_checks.dtype_of(prompt), jnp.integer):
     raise ValueError(f"prompt must have an integer dtype; got {_checks.dtype_of(prompt)}")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+  if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
+      or max_new_tokens < 0):
     raise ValueError(f"max_new_tokens must be a non-negative integer; got {max_new_tokens!r}")
+  max_new_tokens = int(max_new_tokens)
   if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
       temperature >= 0):
     raise ValueError(f"temperature must be a float >= 0; got {temperature!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E); the GPU's fast exponential is base 2
 SUPPORTED_DTYPES = tuple(map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16)))
@@ -22,20 +23,19 @@ def dtype_reason(**arrays) -> str | None:
   return None
 
 
-def typed_like(out_shape, *inputs):
-  """``out_shape`` (a pytree of ``jax.ShapeDtypeStruct``) varying along every mesh axis that one of
-  ``inputs`` varies along, and ``inputs`` made to vary along all of them too: inside
-  ``jax.shard_map`` a kernel's outputs must say how they vary, and its inputs must agree."""
-  varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs if x is not None))
-  if not varying:
-    return out_shape, inputs
-  mat = jax.sharding.ManualAxisType(varying=varying)
-  out_shape = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat), out_shape)
+def canonical(**arrays):
+  """``arrays`` (name -> array or None) as shapes and the dtypes JAX will give them: a NumPy
+  float64 array is float32 while ``jax_enable_x64`` is off, as every backend casts it."""
+  return {k: None if x is None else jax.ShapeDtypeStruct(
+      np.shape(x), jax.dtypes.canonicalize_dtype(jnp.result_type(x))) for k, x in arrays.items()}
 
-  def vary(x):
-    missing = tuple(varying - jax.typeof(x).mat.varying)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
-  return out_shape, tuple(None if x is None else vary(x) for x in inputs)
-
+def empty_reason(**arrays):
+  """Why the kernels cannot take a zero-size dimension, or None: ``name=(array, axis names)``,
+  with None for an axis that may be empty or is checked elsewhere."""
+  for name, (x, axes) in arrays.items():
+    for size, axis in zip(np.shape(x), axes):
+      if axis is not None and size == 0:
+        return (f"{name} has a zero-size {axis} dimension (shape {tuple(np.shape(x))}); the "
+                "fused kernels need at least one")
+  return None

@@ -54,26 +54,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ssmax.pallas.common import LOG2E as _LOG2E, MAX_STATE, dtype_reason, next_pow2 as _next_pow2
-from ssmax.pallas.common import typed_like
-
-
-def canonical(**arrays):
-  """``arrays`` (name -> array or None) as shapes and the dtypes JAX will give them: a NumPy
-  float64 array is float32 while ``jax_enable_x64`` is off, as every backend casts it."""
-  return {k: None if x is None else jax.ShapeDtypeStruct(
-      np.shape(x), jax.dtypes.canonicalize_dtype(jnp.result_type(x))) for k, x in arrays.items()}
-
-
-def empty_reason(**arrays):
-  """Why the kernels cannot take a zero-size dimension, or None: ``name=(array, axis names)``,
-  with None for an axis that may be empty or is checked elsewhere."""
-  for name, (x, axes) in arrays.items():
-    for size, axis in zip(np.shape(x), axes):
-      if axis is not None and size == 0:
-        return (f"{name} has a zero-size {axis} dimension (shape {tuple(np.shape(x))}); the "
-                "fused kernels need at least one")
-  return None
+from ssmax.pallas.common import LOG2E as _LOG2E, MAX_STATE, canonical, dtype_reason, empty_reason
+from ssmax.pallas.common import next_pow2 as _next_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,7 +498,6 @@ def _inputs(p: _Plan, u, delta, at, B, C, D, z, bias):
 
 
 def _call(kernel, p: _Plan, out_shape, *args):
-  out_shape, args = typed_like(out_shape, *args)
   # The kernels index in int32 (program ids); traced with jax_enable_x64 on, Python ints and
   # jnp.arange would be int64 and mixed index types fail. Arguments and results are 32-bit.
   with jax.enable_x64(False):

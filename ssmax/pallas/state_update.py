@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ssmax.pallas.common import MAX_STATE, dtype_reason, next_pow2 as _next_pow2
-from ssmax.pallas.selective_scan_triton import canonical, empty_reason
+from ssmax.pallas.common import MAX_STATE, canonical, dtype_reason, empty_reason
+from ssmax.pallas.common import next_pow2 as _next_pow2
 
 
 @dataclasses.dataclass(frozen=True)

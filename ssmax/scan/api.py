@@ -69,7 +69,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    segment_ids)
   if sequence_axis is not None:
     sequence_parallel.check_axis(sequence_axis)
-  backend = dispatch.resolve(backend, x, sequence_axis)
+  backend = dispatch.resolve(backend, x)
   if sequence_axis is None:
     y, last = dispatch.run(backend, x)
   else:

@@ -30,7 +30,7 @@ def parse(backend, name: str = "backend") -> Backend:
     raise ValueError(f"{name} must be one of {BACKENDS}; got {backend!r}") from None
 
 
-def kernel_unsupported_reason(x: ScanInputs, sequence_axis=None) -> str | None:
+def kernel_unsupported_reason(x: ScanInputs) -> str | None:
   """Why the fused kernel cannot run the scan of ``x``, or None."""
   if x.segment_ids is not None:
     return "segment_ids are not supported by the fused kernel yet"
@@ -38,24 +38,20 @@ def kernel_unsupported_reason(x: ScanInputs, sequence_axis=None) -> str | None:
 
   reason = pallas.unsupported_reason(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias,
                                      x.initial_state)
-  if reason is None and sequence_axis is not None and not pallas.SUPPORTS_SHARD_MAP:
-    reason = _NO_SHARD_MAP
+  if reason is None and jax.typeof(x.u).mat.varying:
+    # Inside shard_map, values are typed by the mesh axes they vary along; Mosaic GPU traces a
+    # kernel's body with those types and its loops then fail to type-check (seen on an H100).
+    reason = "the fused kernel does not run inside shard_map yet"
   return reason
 
 
-_NO_SHARD_MAP = "the fused kernel does not run inside shard_map (sequence_axis) yet"
-
-
-def resolve(backend, x: ScanInputs, sequence_axis=None) -> Backend:
+def resolve(backend, x: ScanInputs) -> Backend:
   """A concrete backend for the scan of ``x``: ``"auto"`` resolved, ``"pallas"`` checked."""
   backend = parse(backend)
   if backend in (Backend.SEQUENTIAL, Backend.ASSOCIATIVE):
     return backend
-  reason = kernel_unsupported_reason(x, sequence_axis)
+  reason = kernel_unsupported_reason(x)
   if backend is Backend.PALLAS:
-    if reason == _NO_SHARD_MAP:
-      raise ValueError(f'backend="pallas" does not support sequence_axis yet: {reason}; use '
-                       'backend="auto" or "associative"')
     if reason is not None:
       raise ValueError(f'backend="pallas" cannot take these inputs: {reason}; use '
                        'backend="auto" or "associative"')

@@ -57,6 +57,12 @@ def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
   for name, x in (("B", B), ("C", C)):
     r = _checks.rank(name, x, (3, 4), "(batch, length, state) or (batch, length, groups, state)")
     _checks.floating(name, x, allow_complex=True)
+    if (jnp.issubdtype(_checks.dtype_of(x), jnp.complexfloating)
+        and not jnp.issubdtype(_checks.dtype_of(A), jnp.complexfloating)):
+      # The recurrence would keep only the real part of the state, silently.
+      raise ValueError(f"{name} is complex ({_checks.dtype_of(x)}) but A is real "
+                       f"({_checks.dtype_of(A)}): the imaginary part would be dropped; pass a "
+                       f"complex A (A.astype(jnp.complex64)) or a real {name}")
     if r == 3:
       _checks.shape(name, x, (b, l, n), "(batch, length, state)")
       x = x[:, :, None, :]

@@ -381,7 +381,7 @@ def test_halo_passes_previous_shards_tail(worker):
                             r"'data'; got shape \(1, 36, 5\)"),
     ("axis_not_in_mesh", r"sequence_axis='time' is not an axis of the mesh"),
     ("same_axis", r"data_axis and sequence_axis must be different mesh axes"),
-    ("pallas_sequence_axis", r'backend="pallas" does not support sequence_axis yet'),
+    ("pallas_sequence_axis", r"the fused kernel does not run inside shard_map yet"),
     ("halo_too_wide", r"x must hold at least width=4 steps per shard"),
     ("shard_batch_not_divisible", r"batch\['tokens'\]'s batch \(axis 0\) must be divisible by "
                                   r"the size 2"),

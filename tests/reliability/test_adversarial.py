@@ -78,8 +78,6 @@ def test_selective_scan(case):
 
 
 @pytest.mark.parametrize("name", ["B", "C"])
-@pytest.mark.xfail(strict=False, reason="issue 18 defect 8: the check belongs in "
-                   "ssmax/scan/inputs.py check_inputs (owned elsewhere); see the report")
 def test_selective_scan_complex_b_or_c_with_real_a(name):
   x = _scan_args()
   x[name] = x[name] + 1j * x[name]
@@ -229,8 +227,6 @@ def test_generate_arguments(tiny_lm):
   _raises(lambda: tiny_lm.generate(prompt, 2, temperature=1.0), r"key")
 
 
-@pytest.mark.xfail(strict=False, reason="issue 18: a NumPy integer max_new_tokens is refused by "
-                   "ssmax/nn/generate.py (owned elsewhere); see the report")
 def test_generate_takes_a_numpy_integer(tiny_lm):
   out = tiny_lm.generate(jnp.zeros((1, 2), jnp.int32), np.int64(2))
   assert out.shape == (1, 4)

@@ -1,4 +1,5 @@
-"""The fused Pallas selective scan (interpret mode on CPU) against independent float64 references.
+"""The Pallas Triton selective scan (GPUs before Hopper; interpret mode on CPU) against independent
+float64 references.
 
 Shapes are small and odd: length 37 with chunks shorter than it, so that several chunks, several
 sequence splits and a ragged last chunk are all exercised; channels not a power of two; B and C with
@@ -13,8 +14,7 @@ import numpy as np
 import pytest
 
 import ssmax
-from ssmax import pallas as ssmax_pallas
-from ssmax.pallas import selective_scan_triton as fused_scan
+from ssmax.pallas import selective_scan_triton as triton_scan
 import oracle
 import seeds
 
@@ -29,8 +29,8 @@ def _grouped(kw, rng, gb, gc):
   return kw
 
 
-@pytest.mark.parametrize("config", [None, ssmax_pallas.Config(chunk=4, splits=1),
-                                    ssmax_pallas.Config(chunk=4, splits=3, layout="tile")],
+@pytest.mark.parametrize("config", [None, triton_scan.Config(chunk=4, splits=1),
+                                    triton_scan.Config(chunk=4, splits=3, layout="tile")],
                          ids=["public", "one_split", "tile"])
 def test_forward_and_last_state_fp32(config):
   kw = oracle.random_inputs(11, b=2, l=37, d=5, n=3)
@@ -42,7 +42,7 @@ def test_forward_and_last_state_fp32(config):
   else:
     x = {k: jnp.asarray(kw[k]) for k in NAMES}
     x["B"], x["C"] = x["B"][:, :, None], x["C"][:, :, None]
-    y, last = ssmax_pallas.selective_scan(**x, delta_softplus=True, interpret=True, config=config)
+    y, last = triton_scan.selective_scan(**x, delta_softplus=True, interpret=True, config=config)
   assert y.dtype == jnp.float32 and last.dtype == jnp.float32
   assert last.shape == (2, 5, 3)
   assert oracle.rel_err(y, want_y) < 2e-4
@@ -69,14 +69,14 @@ def test_forward_half_precision_inputs(dtype):
 # groups); 32 lanes, partly masked, for the others. The rows backward reduces 2·next_pow2(n) values
 # over the lanes: fewer values than lanes for "wide", more for "wide_state20".
 GRADIENT_CASES = {
-    "groups": (2, 37, 6, 3, 3, 2, ssmax_pallas.Config(chunk=4, splits=3)),
-    "groups_tile": (2, 37, 6, 3, 3, 2, ssmax_pallas.Config(chunk=4, splits=3, layout="tile")),
-    "wide": (2, 37, 40, 5, 1, 1, ssmax_pallas.Config(chunk=4, splits=3)),
-    "wide_state20": (1, 29, 36, 20, 2, 1, ssmax_pallas.Config(chunk=4, splits=2)),
-    "wide_tile": (2, 37, 40, 5, 1, 1, ssmax_pallas.Config(chunk=4, splits=3, layout="tile")),
+    "groups": (2, 37, 6, 3, 3, 2, triton_scan.Config(chunk=4, splits=3)),
+    "groups_tile": (2, 37, 6, 3, 3, 2, triton_scan.Config(chunk=4, splits=3, layout="tile")),
+    "wide": (2, 37, 40, 5, 1, 1, triton_scan.Config(chunk=4, splits=3)),
+    "wide_state20": (1, 29, 36, 20, 2, 1, triton_scan.Config(chunk=4, splits=2)),
+    "wide_tile": (2, 37, 40, 5, 1, 1, triton_scan.Config(chunk=4, splits=3, layout="tile")),
     # 16-bit B and C with an even state size: read as packed pairs in the rows layout.
-    "wide_bf16": (2, 37, 40, 6, 1, 1, ssmax_pallas.Config(chunk=4, splits=3), jnp.bfloat16),
-    "wide_fp16": (1, 21, 40, 4, 2, 1, ssmax_pallas.Config(chunk=4, splits=2), jnp.float16),
+    "wide_bf16": (2, 37, 40, 6, 1, 1, triton_scan.Config(chunk=4, splits=3), jnp.bfloat16),
+    "wide_fp16": (1, 21, 40, 4, 2, 1, triton_scan.Config(chunk=4, splits=2), jnp.float16),
 }
 HALF = ("u", "delta", "z", "B", "C")
 
@@ -93,7 +93,7 @@ def _gradients(case):
   args = [jnp.asarray(kw[k], dtype[0] if dtype and k in HALF else None) for k in NAMES]
 
   def loss(*a):
-    y, last = ssmax_pallas.selective_scan(*a, delta_softplus=True, interpret=True, config=config)
+    y, last = triton_scan.selective_scan(*a, delta_softplus=True, interpret=True, config=config)
     return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(last * wl)
 
   grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(NAMES)))))
@@ -131,9 +131,9 @@ def test_backward_is_deterministic(case):
 @pytest.mark.parametrize("m,lanes", [(8, 32), (32, 32), (64, 32), (4, 8), (16, 8), (2, 1)])
 def test_reduce_scatter_sums_every_vector(m, lanes, rng):
   x = rng.normal(size=(m, lanes)).astype(np.float32)
-  out = fused_scan._reduce_scatter([jnp.asarray(v) for v in x], lanes, interpret=True)
+  out = triton_scan._reduce_scatter([jnp.asarray(v) for v in x], lanes, interpret=True)
   assert len(out) == max(m // lanes, 1)
-  sums = fused_scan._unscatter(jnp.stack(out)[None], m, lanes)[0]
+  sums = triton_scan._unscatter(jnp.stack(out)[None], m, lanes)[0]
   np.testing.assert_allclose(np.asarray(sums), x.astype(np.float64).sum(axis=1), rtol=1e-5,
                              atol=1e-5)
 
@@ -143,14 +143,15 @@ def test_rejects_unknown_layout():
   x = {k: jnp.asarray(kw[k]) for k in NAMES}
   x["B"], x["C"] = x["B"][:, :, None], x["C"][:, :, None]
   with pytest.raises(ValueError, match="config.layout must be 'auto', 'rows' or 'tile'"):
-    ssmax_pallas.selective_scan(**x, interpret=True, config=ssmax_pallas.Config(layout="cols"))
+    triton_scan.selective_scan(**x, interpret=True, config=triton_scan.Config(layout="cols"))
 
 
 def _unsupported_reason(**shape):
   kw = oracle.random_inputs(**shape)
   x = ssmax.scan.check_inputs(**{k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
                                  for k, v in kw.items()})
-  return ssmax_pallas.unsupported_reason(*x[:9])
+  return triton_scan.unsupported_reason(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias,
+                                        x.initial_state)
 
 
 def test_unsupported_reason_complex_a():
@@ -181,11 +182,11 @@ def test_rows_backward_needs_one_warp_of_channels():
   args = [x[k] for k in NAMES]
 
   def grad(config):
-    loss = lambda *a: ssmax_pallas.selective_scan(*a, interpret=True, config=config)[0].sum()
+    loss = lambda *a: triton_scan.selective_scan(*a, interpret=True, config=config)[0].sum()
     return jax.grad(loss)(*args)
 
   with pytest.raises(ValueError, match="config.layout='rows' needs bwd_block_channels <= 32"):
-    grad(ssmax_pallas.Config(layout="rows", bwd_block_channels=64))
+    grad(triton_scan.Config(layout="rows", bwd_block_channels=64))
   # "auto" takes the tile layout for such a backward instead, and agrees with the default.
-  np.testing.assert_allclose(grad(ssmax_pallas.Config(bwd_block_channels=64)),
-                             grad(ssmax_pallas.Config()), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad(triton_scan.Config(bwd_block_channels=64)),
+                             grad(triton_scan.Config()), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,1101 @@
+"""Fused selective scan (Mamba's S6) in Pallas Mosaic GPU (Hopper), forward and backward.
+
+Semantics are those of :func:`ssmax.scan.selective_scan` (``_sequential`` there is the reference)::
+
+    Δ_t = softplus(delta_t + bias)            (bias and softplus optional)
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t    y_t = (C_t·h_t + D u_t) · silu(z_t)
+
+Layout. One CTA = one warpgroup (128 threads) owns a block of 128 channels of one batch row and one
+*segment* of the sequence; thread ``i`` owns channel ``i`` and keeps that channel's states in
+registers as a tuple of ``(128,)`` vectors (``Layout.WG_STRIDED``, one element per thread), so every
+op of the recurrence is elementwise and the sums over states (C·h, dΔ, du) stay in the thread.
+Channels are padded per group to a multiple of 128 (a block never straddles a B/C group), the
+state to a multiple of 4 (TMA rows of at least 16 bytes), the length to whole 32-token tiles. Padded
+tokens get Δ = 0 exactly (a mask, not a padding value), and ``A·log2(e)`` is clamped to the most
+negative finite float, so padding cannot make 0·∞: A = -inf stays NaN-free.
+
+Pipeline. The CTA walks its segment in tiles of ``TILE`` = 32 tokens: Δ, u, z (and dy in the
+backward) as ``(32, 128)`` tiles in their own dtype, B and C as ``(32, N)`` float32 tiles, read
+as warp-uniform scalars. A ring of ``stages`` shared-memory slots is filled by TMA
+(``copy_gmem_to_smem``) with one mbarrier per slot; after a tile, one ``commit_smem`` (fence and
+warpgroup barrier) frees the slot for the tile ``stages`` ahead. ``exp2`` with A pre-scaled by
+log2(e); y goes straight from registers to global memory (coalesced rows, no SMEM round trip).
+
+Sequence segments. When batch × channel blocks cannot fill the SMs (batch 1 × 16 blocks on 132
+SMs), each row is cut into ``S`` segments (:func:`choose_segments`, a cost model in code): a
+pre-pass kernel runs each segment but the last from a zero state and returns its end state and ΣΔ;
+a ``lax.scan`` over segments chains them (the segment's total decay is exp(A·ΣΔ)); the main
+kernel then runs every segment from its true entering state. The backward does the same in
+reverse with the adjoint recurrence g_{t-1} = exp(Δ_t A)(g_t + C_t dout_t).
+
+Saved for the backward: the (padded) inputs and the float32 state entering every tile,
+``(batch, tiles, N, channels)`` — 1/32 of a per-token history.
+
+Backward. Per tile (last first): pass 1 recomputes the tile forward from its saved state and parks
+the state entering every sub-tile of ``sub`` tokens in shared memory (each thread its own
+column: no synchronisation); pass 2 takes sub-tiles last first, recomputes their states and
+decays into registers and runs the adjoint back over them. dB and dC of a token are sums over
+channels: the 2N per-thread products go through a warp butterfly reduce-scatter (31 shuffles per
+32 products, ``inline_mgpu``), each warp's sums land in a shared row, and once per tile the four
+warps' rows are added and written as this block's partial sums; XLA adds the blocks. dA, dD and
+dbias are per-(segment, batch) partials that XLA adds: every sum has a fixed order, so the
+backward is deterministic (no atomics).
+
+State sizes. Up to ``MAX_STATE_PER_CALL`` = 16 states run in one kernel; larger states (to 256)
+run as slices of 16 whose float32 partial sums XLA adds (y, du and dΔ are sums over states; the D
+skip and the z gate, and dz, dD, are then done by XLA). Every slice shares one lowering.
+
+Compile cost (JAX 0.11.2, H100, ``jit(...).lower().compile()``): the token loops are unrolled
+``primal_unroll`` = 8 (forward without saving), ``unroll`` = 4 (forward with saving, pre-passes) and
+``sub`` = 2 (backward) tokens deep inside ``fori_loop``s. Forward alone 10-14 s; forward+backward
+20-25 s unsplit (3 kernels) and 37 s with segments (4 kernels, long-32k). State 32 in one kernel
+lowered for minutes, hence the 16-state slices.
+
+Measured (H100, bf16, softplus/z/D on, median of 20 × 5 enqueued calls, results/run6): forward
+0.283 / 0.286 / 0.950 ms and forward+backward 1.322 / 1.385 / 3.634 ms at 130m-train /
+1.4b-train / long-32k; jax-linear-attention on the same machine: 0.320 and 1.322 ms at 130m-train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ssmax.pallas.common import LOG2E as _LOG2E
+from ssmax.pallas.common import MAX_STATE, canonical, dtype_reason, empty_reason
+
+TILE = 32  # tokens per TMA tile
+BLOCK = 128  # channels per CTA: one per thread of the warpgroup
+MAX_STATE_PER_CALL = 16  # larger states run as slices of this many (registers, compile time)
+SMEM_BYTES = 227 * 1024  # usable shared memory per CTA on an H100
+_LN2 = 0.6931471805599453
+_F32 = jnp.float32
+_NEG = float(np.finfo(np.float32).min)
+_VEC = plgpu.Layout.WG_STRIDED((BLOCK,), vec_size=1)  # thread i holds channel i
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Blocking knobs; ``None`` picks a default from the shapes.
+
+  Attributes:
+    segments: sequence segments per (batch row, channel block) in the forward; default from
+      :func:`choose_segments`.
+    bwd_segments: the same for the backward.
+    stages: TMA ring depth of the forward.
+    bwd_stages: TMA ring depth of the backward (default: 2, or 1 where shared memory is short).
+    unroll: tokens per iteration of the token loops (forward with saved states, pre-passes).
+    primal_unroll: the same for the forward that saves nothing (no backward follows): 8 ran
+      7% faster than 4 at 130m-train on an H200 but lowers in 12 s instead of 4.
+    sub: tokens per register sub-tile of the backward (default: the smallest that fits SMEM).
+    early_pair: in the backward, take the dB/dC butterfly's first step per state as soon as
+      that state's two products exist (16 live values instead of 32). Correct on the GPU but no
+      faster (H100 130m-train fwd+bwd 1.359 vs 1.327 ms) and slower to lower: off by default.
+    num_sms: SMs the cost model fills (default: from the device, else 132).
+  """
+
+  segments: int | None = None
+  bwd_segments: int | None = None
+  stages: int = 3
+  bwd_stages: int | None = None
+  unroll: int = 4
+  primal_unroll: int = 8
+  sub: int | None = None
+  early_pair: bool = False
+  num_sms: int | None = None
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def _num_sms(config: Config) -> int:
+  if config.num_sms:
+    return config.num_sms
+  try:
+    dev = jax.devices()[0]
+    return int(getattr(dev, "core_count", 0) or 132)
+  except Exception:  # no device visible: assume an H100 SXM
+    return 132
+
+
+def choose_segments(ctas: int, tiles: int, num_sms: int, prepass_cost: float,
+                    launch_tiles: float = 8.0) -> int:
+  """Segments per row that minimise the estimated time, in units of one CTA's tile.
+
+  Each of ``ctas * s`` CTAs walks ``ceil(tiles / s)`` tiles, ``num_sms`` at a time (waves); the
+  pre-pass (``prepass_cost`` of a main tile per tile) runs on ``s - 1`` segments; ``launch_tiles``
+  charges the extra launches and the combine. Ties go to more segments (more CTAs to hide
+  latency), up to two CTAs per SM. Calibrated on an H200 (run3): 130m-train (96 CTAs) is fastest
+  unsplit, long-32k (16 CTAs) split in 16 beats 8 (forward 1.02 vs 1.12 ms).
+  """
+  def cost(s):
+    per = -(-tiles // s)
+    main = -(-ctas * s // num_sms) * per
+    if s == 1:
+      return main
+    pre = -(-ctas * (s - 1) // num_sms) * per * prepass_cost
+    return main + pre + launch_tiles
+
+  best = 1
+  for s in range(2, tiles + 1):
+    if ctas * s > 2 * num_sms:
+      break
+    if cost(s) <= cost(best) + 1e-9:
+      best = s
+  return best
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static blocking of one call (hashable: it parameterises the kernels)."""
+
+  batch: int
+  length: int
+  channels: int
+  state: int
+  groups_b: int
+  groups_c: int
+  groups: int  # fine groups: lcm(groups_b, groups_c)
+  group_channels: int  # channels per fine group
+  group_channels_pad: int  # ... padded to a multiple of BLOCK
+  state_pad: int
+  tiles: int
+  segments: int
+  bwd_segments: int
+  stages: int
+  bwd_stages: int
+  unroll: int
+  primal_unroll: int
+  sub: int
+  early_pair: bool
+  has_d: bool
+  has_z: bool
+  has_bias: bool
+  softplus: bool
+  interpret: bool
+  f32_out: bool = False  # state slices: y, dΔ, du are float32 partial sums
+
+  @property
+  def dp(self):
+    return self.groups * self.group_channels_pad
+
+  @property
+  def nblk(self):
+    return self.dp // BLOCK
+
+  @property
+  def bpg(self):  # channel blocks per fine group
+    return self.group_channels_pad // BLOCK
+
+  @property
+  def lp(self):
+    return self.tiles * TILE
+
+  @property
+  def ragged(self):
+    return self.lp != self.length
+
+  @property
+  def products(self):  # per token: dC at [0, np), dB at [16, 16 + np) (np <= 16 per kernel)
+    return 32
+
+
+def _bwd_smem(p_state_pad, tile_bytes, stages, sub, products):
+  ring = stages * (4 * TILE * BLOCK * tile_bytes + 2 * TILE * p_state_pad * 4)
+  subs = (TILE // sub) * p_state_pad * BLOCK * 4
+  part = 4 * TILE * products * 4
+  return ring + subs + part
+
+
+def _make_plan(u, delta, z, B, C, A, D, delta_bias, softplus, interpret, config: Config) -> _Plan:
+  for name in ("unroll", "primal_unroll", "sub"):
+    v = getattr(config, name)
+    if v is not None and (v < 1 or TILE % v):
+      raise ValueError(f"Config.{name} must divide the tile of {TILE} tokens; got {v}")
+  b, l, d = u.shape
+  n = A.shape[1]
+  gb, gc = B.shape[2], C.shape[2]
+  g = math.lcm(gb, gc)
+  cpg = d // g
+  cpgp = _round_up(cpg, BLOCK)
+  np_ = _round_up(n, 4)
+  tiles = -(-l // TILE)
+  ctas = b * g * (cpgp // BLOCK)
+  sms = _num_sms(config)
+  # Pre-pass cost per tile relative to the main pass (no y stores / no dB,dC reduction).
+  seg = config.segments or choose_segments(ctas, tiles, sms, 0.6)
+  bseg = config.bwd_segments or choose_segments(ctas, tiles, sms, 0.5)
+  seg, bseg = max(1, min(seg, tiles)), max(1, min(bseg, tiles))
+  # Uneven segments: all but the last hold ceil(tiles / S) tiles.
+  seg = -(-tiles // -(-tiles // seg))
+  bseg = -(-tiles // -(-tiles // bseg))
+  tiled = (u, delta) + ((z,) if z is not None else ())
+  tile_bytes = max(jnp.dtype(x.dtype).itemsize for x in tiled)
+  if np_ > MAX_STATE_PER_CALL:  # sliced: slices of MAX_STATE_PER_CALL, float32 dy
+    np_, tile_bytes = _round_up(n, MAX_STATE_PER_CALL), 4
+  stages, sub = _fit_bwd(min(np_, MAX_STATE_PER_CALL), tile_bytes, config)
+  return _Plan(b, l, d, n, gb, gc, g, cpg, cpgp, np_, tiles, seg, bseg, config.stages, stages,
+               config.unroll, config.primal_unroll, sub, config.early_pair, D is not None,
+               z is not None,
+               delta_bias is not None,
+               bool(softplus), bool(interpret))
+
+
+def _fit_bwd(np_, tile_bytes, config: Config):
+  """Backward ring depth and register sub-tile that fit shared memory (short sub-tiles first:
+  they keep the recomputed states in registers without spilling)."""
+  products = 32
+  stages = config.bwd_stages or 2
+  sub = config.sub
+  if sub is None:
+    for sub in (2, 4, 8, 16, 32):
+      if _bwd_smem(np_, tile_bytes, stages, sub, products) <= SMEM_BYTES:
+        break
+    else:
+      stages, sub = 1, 4
+  while _bwd_smem(np_, tile_bytes, stages, sub, products) > SMEM_BYTES and stages > 1:
+    stages -= 1
+  return stages, sub
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout changes done by XLA around the kernels (no-ops at aligned shapes).
+
+
+def _chan(p: _Plan, x):
+  """(b, L, d) -> (b, Lp, dp): pad time to whole tiles and each group's channels to blocks."""
+  b, l, d = x.shape
+  if p.lp == l and p.group_channels_pad == p.group_channels:
+    return x
+  x = x.reshape(b, l, p.groups, p.group_channels)
+  x = jnp.pad(x, ((0, 0), (0, p.lp - l), (0, 0), (0, p.group_channels_pad - p.group_channels)))
+  return x.reshape(b, p.lp, p.dp)
+
+
+def _unchan(p: _Plan, x):
+  if p.lp == p.length and p.group_channels_pad == p.group_channels:
+    return x
+  x = x.reshape(x.shape[0], p.lp, p.groups, p.group_channels_pad)
+  return x[:, :p.length, :, :p.group_channels].reshape(x.shape[0], p.length, p.channels)
+
+
+def _vec_pad(p: _Plan, x, value=0.0):
+  """(d,) -> (dp,) float32."""
+  x = x.astype(_F32).reshape(p.groups, p.group_channels)
+  x = jnp.pad(x, ((0, 0), (0, p.group_channels_pad - p.group_channels)), constant_values=value)
+  return x.reshape(p.dp)
+
+
+def _state_pad(p: _Plan, x):
+  """(..., d, n) -> (..., np, dp) float32."""
+  lead = x.shape[:-2]
+  x = x.astype(_F32).reshape(*lead, p.groups, p.group_channels, p.state)
+  pads = [(0, 0)] * len(lead) + [(0, 0), (0, p.group_channels_pad - p.group_channels),
+                                 (0, p.state_pad - p.state)]
+  x = jnp.pad(x, pads).reshape(*lead, p.dp, p.state_pad)
+  return jnp.swapaxes(x, -1, -2)
+
+
+def _state_unpad(p: _Plan, x):
+  """(..., np, dp) -> (..., d, n)."""
+  lead = x.shape[:-2]
+  x = jnp.swapaxes(x, -1, -2).reshape(*lead, p.groups, p.group_channels_pad, p.state_pad)
+  return x[..., :p.group_channels, :p.state].reshape(*lead, p.channels, p.state)
+
+
+def _bc(p: _Plan, x):
+  """(b, L, groups, n) -> (b, groups, Lp, np) float32: a tile is one contiguous TMA box."""
+  x = jnp.swapaxes(x.astype(_F32), 1, 2)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, p.lp - p.length), (0, p.state_pad - p.state)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces shared by the kernels.
+
+
+def _vec(ref):
+  return plgpu.load(ref, layout=_VEC, optimized=False)
+
+
+def _full(value):
+  return plgpu.layout_cast(jnp.full((BLOCK,), value, _F32), _VEC)
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def _softplus(x):
+  """log(1 + e^x) and its derivative; x > 20 passes through (as the reference)."""
+  e = jnp.exp(jnp.minimum(x, 20.0))
+  w = 1.0 + e
+  # log1p(e) without a log1p primitive: log(w) · e / (w - 1) is exact to a few ulp.
+  lp = jnp.where(w == 1.0, e, jnp.log(w) * (e / (w - 1.0)))
+  return jnp.where(x > 20.0, x, lp), e / w
+
+
+def _kernel(p: _Plan, name, body, grid, *, out_type, **kwargs):
+  """``body`` as a Mosaic GPU kernel over ``grid``, callable on its input arrays."""
+  interpret = plgpu.InterpretGPUParams() if p.interpret else None
+
+  def call(*args):
+    # No automatic barriers: a thread only touches its own channel's column of the shared tiles;
+    # refilling a slot and the dB/dC rows are fenced explicitly with commit_smem.
+    kernel = plgpu.kernel(
+        body, out_type=out_type, grid=grid, grid_names=("d", "b", "s"), kernel_name=name,
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
+        **kwargs)
+    # Indices are int32 (block ids); with jax_enable_x64 on, Python ints would trace as int64.
+    with jax.enable_x64(False):
+      return kernel(*args)
+
+  return call
+
+
+class _Ring:
+  """A ring of TMA-filled tile slots: ``names`` are (b, Lp, dp) arrays copied as (TILE, BLOCK)
+  tiles, ``bc_names`` (b, groups, Lp, np) arrays copied as (TILE, np) tiles."""
+
+  def __init__(self, refs, names, bc_names, groups, bars, stages, bi, di, cols):
+    self.refs, self.names, self.bc_names, self.groups = refs, names, bc_names, groups
+    self.bars, self.stages, self.bi, self.cols = bars, stages, bi, cols
+
+  def fetch(self, n, slot):
+    rows = pl.ds(n * TILE, TILE)
+    bar = self.bars.at[slot]
+    for k in self.names:
+      plgpu.copy_gmem_to_smem(self.refs[k].at[self.bi, rows, self.cols],
+                              self.refs[k + "_s"].at[slot], bar)
+    for k in self.bc_names:
+      plgpu.copy_gmem_to_smem(self.refs[k].at[self.bi, self.groups[k], rows],
+                              self.refs[k + "_s"].at[slot], bar)
+
+
+def _prologue(count, min_count, stages, fetch):
+  """Fill the first ``stages`` slots; ``count`` (traced) tiles, at least ``min_count``."""
+  for i in range(stages):
+    if i < min_count:
+      fetch(i)
+    else:
+      pl.when(i < count)(functools.partial(fetch, i))
+
+
+def _smem(p: _Plan, arrays, names, bc_names, stages):
+  out = {k + "_s": plgpu.SMEM((stages, TILE, BLOCK), arrays[k].dtype) for k in names}
+  for k in bc_names:
+    out[k + "_s"] = plgpu.SMEM((stages, TILE, p.state_pad), _F32)
+  out["bars"] = plgpu.Barrier(num_arrivals=len(names) + len(bc_names), num_barriers=stages)
+  return out
+
+
+def _groups_of(p: _Plan, di):
+  fg = di // p.bpg
+  return {"B": fg // (p.groups // p.groups_b), "C": fg // (p.groups // p.groups_c)}
+
+
+def _delta(p: _Plan, raw, bias, tok):
+  """Δ, dΔ/draw (None without softplus), and the raw input x; Δ = 0 past the sequence end."""
+  x = raw.astype(_F32)
+  if p.has_bias:
+    x = x + bias
+  if p.softplus:
+    dt, dsp = _softplus(x)
+  else:
+    dt, dsp = x, None
+  if p.ragged:
+    dt = dt * (tok < p.length).astype(_F32)
+  return dt, dsp
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))  # one lowering per plan, shared by slices
+def _fwd_call(p: _Plan, mode: str, arrays):
+  """``mode``: "local" (pre-pass: segments 0..S-2 from zero; end state and ΣΔ) or "main" /
+  "main_save" (y, the last state, and with "_save" the state entering every tile)."""
+  main = mode != "local"
+  save = mode == "main_save"
+  n_st, nt, ss = p.state_pad, p.tiles, p.segments
+  per = -(-nt // ss)
+  names = ["dt", "u"] + (["z"] if (main and p.has_z) else [])
+  bc_names = ["B"] + (["C"] if main else [])
+  vec_names = (["bias"] if p.has_bias else []) + (["D"] if (main and p.has_d) else []) + ["a2t"]
+  in_names = names + bc_names + vec_names + (["enter"] if main else [])
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
+  if main:
+    out_names = ["y", "last"] + (["states"] if save else [])
+    y_dtype = _F32 if p.f32_out else arrays["u"].dtype
+    out_type = [jax.ShapeDtypeStruct((p.batch, p.lp, p.dp), y_dtype),
+                f32(p.batch, n_st, p.dp)]
+    if save:
+      out_type.append(f32(p.batch, nt, n_st, p.dp))
+    grid_s = ss
+  else:
+    out_names = ["hloc", "dsum"]
+    out_type = [f32(p.batch, ss - 1, n_st, p.dp), f32(p.batch, ss - 1, p.dp)]
+    grid_s = ss - 1
+  stages = max(1, min(p.stages, per))
+  scratch = _smem(p, arrays, names, bc_names, stages)
+  unroll = p.primal_unroll if mode == "main" else p.unroll
+
+  def body(*refs_in, **scratch_refs):
+    refs = dict(zip(in_names + out_names, refs_in))
+    refs.update(scratch_refs)
+    di, bi, si = lax.axis_index("d"), lax.axis_index("b"), lax.axis_index("s")
+    cols = pl.ds(di * BLOCK, BLOCK)
+    ring = _Ring(refs, names, bc_names, _groups_of(p, di), refs["bars"], stages, bi, di, cols)
+    first = si * per
+    count = jnp.minimum(per, nt - first) if main else per
+    min_count = nt - (ss - 1) * per if main else per
+    _prologue(count, min_count, stages, lambda i: ring.fetch(first + i, i))
+    bias = _vec(refs["bias"].at[cols]) if p.has_bias else None
+    dskip = _vec(refs["D"].at[cols]) if (main and p.has_d) else None
+    a2 = [_vec(refs["a2t"].at[j, cols]) for j in range(n_st)]
+    zero = _full(0.0)
+    if main:
+      h0 = tuple(_vec(refs["enter"].at[bi, si, j, cols]) for j in range(n_st))
+    else:
+      h0 = tuple(zero for _ in range(n_st))
+
+    def tile(k, carry):
+      h, dsum = carry
+      n = first + k
+      slot = lax.rem(k, stages)
+      if save:
+        for j in range(n_st):
+          refs["states"][bi, n, j, cols] = h[j]
+      plgpu.barrier_wait(refs["bars"].at[slot])
+      t_s = {name: refs[name + "_s"].at[slot] for name in names + bc_names}
+
+      def token(t, h, dsum):
+        tok = n * TILE + t
+        dt, _ = _delta(p, _vec(t_s["dt"].at[t]), bias, tok)
+        uu = _vec(t_s["u"].at[t]).astype(_F32)
+        dtu = dt * uu
+        h = list(h)
+        y = dskip * uu if dskip is not None else None
+        for j in range(n_st):
+          h[j] = jnp.exp2(dt * a2[j]) * h[j] + dtu * t_s["B"][t, j]
+          if main:
+            y = h[j] * t_s["C"][t, j] if y is None else y + h[j] * t_s["C"][t, j]
+        if main:
+          if p.has_z:
+            zz = _vec(t_s["z"].at[t]).astype(_F32)
+            y = y * (zz * _sigmoid(zz))
+          refs["y"][bi, tok, cols] = y.astype(refs["y"].dtype)
+          return tuple(h), dsum
+        return tuple(h), dsum + dt
+
+      def group(i, carry):
+        h, dsum = carry
+        for r in range(unroll):
+          h, dsum = token(i * unroll + r, h, dsum)
+        return h, dsum
+
+      carry = lax.fori_loop(0, TILE // unroll, group, (h, dsum))
+      plgpu.commit_smem()  # every thread is done with this slot: refill it
+
+      @pl.when(k + stages < count)
+      def _():
+        ring.fetch(n + stages, slot)
+
+      return carry
+
+    h, dsum = lax.fori_loop(0, count, tile, (h0, zero))
+    if main:
+      @pl.when(si == ss - 1)
+      def _():
+        for j in range(n_st):
+          refs["last"][bi, j, cols] = h[j]
+    else:
+      for j in range(n_st):
+        refs["hloc"][bi, si, j, cols] = h[j]
+      refs["dsum"][bi, si, cols] = dsum
+
+  call = _kernel(p, f"ssm_fwd_{mode}", body, (p.nblk, p.batch, grid_s),
+                 out_type=tuple(out_type), scratch_types=scratch)
+  return call(*(arrays[k] for k in in_names))
+
+
+def _forward(p: _Plan, arrays, h0t, save: bool):
+  """y (b, Lp, dp), last state (b, np, dp), and the per-tile states if ``save``."""
+  if p.segments > 1:
+    hloc, dsum = _fwd_call(p, "local", arrays)
+    decay = jnp.exp2(arrays["a2t"][None, None] * dsum[:, :, None, :])
+
+    def step(h, xs):
+      dec, loc = xs
+      return dec * h + loc, h
+
+    last, enter = lax.scan(step, h0t, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(hloc, 1, 0)))
+    enter = jnp.concatenate([jnp.moveaxis(enter, 0, 1), last[:, None]], axis=1)
+  else:
+    enter = h0t[:, None]
+  outs = _fwd_call(p, "main_save" if save else "main", dict(arrays, enter=enter))
+  return outs if save else (*outs, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward.
+
+
+def _lane_sums(p: _Plan, ref, vals):
+  """Sums each of ``len(vals)`` (a multiple of 32) channel vectors over each warp's 32 channels;
+  warp w's sum of value k lands in ``ref[w, k]``.
+
+  A butterfly reduce-scatter: each halving step swaps half of the values with the lane
+  ``offset`` away, so 32 values take 31 shuffles and lane l ends with the sum of value l."""
+  if p.interpret:
+    ref[...] = jnp.stack([v.reshape(4, 32).sum(axis=1) for v in vals], axis=1)
+    return
+  _lane_sums_mgpu(len(vals), 16)(ref, *vals)
+
+
+def _pair_first(lo, hi):
+  """The butterfly's first step (lanes 16 apart) for values k and k + 16, taken as soon as both
+  exist: lane l keeps the pair sum of ``hi`` if bit 4 of l is set, else of ``lo``."""
+  return _pair_first_mgpu()(lo, hi)
+
+
+@functools.cache
+def _pair_first_mgpu():
+  from jax.experimental.mosaic.gpu import utils as mu
+  import jax.experimental.mosaic.gpu as mgpu
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import arith, vector
+
+  @plgpu.inline_mgpu(arg_types=(_VEC, _VEC),
+                     return_type=plgpu.ShapeDtypeStruct((BLOCK,), _F32, layout=_VEC))
+  def pair_first(ctx, lo, hi):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    lane = arith.andi(mu.thread_idx(), mu.c(31, i32))
+    upper = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(lane, mu.c(16, i32)), mu.c(0, i32))
+    pos = ir.DenseI64ArrayAttr.get([0])
+    a = vector.extract(lo.registers.flat[0], dynamic_position=[], static_position=pos)
+    b = vector.extract(hi.registers.flat[0], dynamic_position=[], static_position=pos)
+    out = arith.addf(arith.select(upper, b, a), mu.shfl_bfly(arith.select(upper, a, b), 16))
+    regs = lo.registers.copy()
+    regs.flat[0] = vector.broadcast(lo.registers.flat[0].type, out)
+    return mgpu.FragmentedArray(_registers=regs, _layout=lo.layout, _is_signed=None)
+
+  return pair_first
+
+
+@functools.cache
+def _lane_sums_mgpu(m, first_offset):
+  """``first_offset`` 16: the full butterfly over groups of 32 values; 8: the values already went
+  through :func:`_pair_first` (16 values, lane l's result is value l % 16 of its half)."""
+  from jax.experimental.mosaic.gpu import utils as mu
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import arith, memref, vector
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) + (_VEC,) * m)
+  def lane_sums(ctx, ref, *vals):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    idx = ir.IndexType.get()
+    tid = mu.thread_idx()
+    lane = arith.andi(tid, mu.c(31, i32))
+    warp = arith.andi(arith.shrui(tid, mu.c(5, i32)), mu.c(3, i32))
+    regs = [vector.extract(v.registers.flat[0], dynamic_position=[],
+                           static_position=ir.DenseI64ArrayAttr.get([0])) for v in vals]
+    group = 2 * first_offset
+    for c0 in range(0, m, group):
+      xs = regs[c0:c0 + group]
+      off = first_offset
+      while off:
+        upper = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(lane, mu.c(off, i32)), mu.c(0, i32))
+        half = len(xs) // 2
+        xs = [arith.addf(arith.select(upper, hi, lo),
+                         mu.shfl_bfly(arith.select(upper, lo, hi), off))
+              for lo, hi in zip(xs[:half], xs[half:])]
+        off //= 2
+      col = arith.addi(lane, mu.c(c0 * 32 // group, i32))
+      memref.store(xs[0], ref, [arith.index_cast(idx, warp), arith.index_cast(idx, col)])
+
+  return lane_sums
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _bwd_local_call(p: _Plan, arrays):
+  """Adjoint over segments 1..S-1 from a zero cotangent at their end: the cotangent of the state
+  entering each (b, S-1, np, dp) and its ΣΔ (b, S-1, dp)."""
+  n_st, nt, ss = p.state_pad, p.tiles, p.bwd_segments
+  per = -(-nt // ss)
+  names = ["dt", "dy"] + (["z"] if p.has_z else [])
+  bc_names = ["C"]
+  in_names = names + bc_names + (["bias"] if p.has_bias else []) + ["a2t"]
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
+  out_names = ["gloc", "dsum"]
+  out_type = (f32(p.batch, ss - 1, n_st, p.dp), f32(p.batch, ss - 1, p.dp))
+  stages = max(1, min(p.stages, per))
+  scratch = _smem(p, arrays, names, bc_names, stages)
+
+  def body(*refs_in, **scratch_refs):
+    refs = dict(zip(in_names + out_names, refs_in))
+    refs.update(scratch_refs)
+    di, bi, si = lax.axis_index("d"), lax.axis_index("b"), lax.axis_index("s")
+    cols = pl.ds(di * BLOCK, BLOCK)
+    ring = _Ring(refs, names, bc_names, _groups_of(p, di), refs["bars"], stages, bi, di, cols)
+    seg = si + 1
+    last = jnp.minimum(seg * per + per, nt) - 1
+    count = last + 1 - seg * per
+    _prologue(count, nt - (ss - 1) * per, stages, lambda i: ring.fetch(last - i, i))
+    bias = _vec(refs["bias"].at[cols]) if p.has_bias else None
+    a2 = [_vec(refs["a2t"].at[j, cols]) for j in range(n_st)]
+    zero = _full(0.0)
+
+    def tile(k, carry):
+      n = last - k
+      slot = lax.rem(k, stages)
+      plgpu.barrier_wait(refs["bars"].at[slot])
+      t_s = {name: refs[name + "_s"].at[slot] for name in names + bc_names}
+
+      def token(t, carry):
+        g, dsum = carry
+        tok = n * TILE + t
+        dt, _ = _delta(p, _vec(t_s["dt"].at[t]), bias, tok)
+        dout = _vec(t_s["dy"].at[t]).astype(_F32)
+        if p.has_z:
+          zz = _vec(t_s["z"].at[t]).astype(_F32)
+          dout = dout * (zz * _sigmoid(zz))
+        g = tuple(jnp.exp2(dt * a2[j]) * (g[j] + dout * t_s["C"][t, j]) for j in range(n_st))
+        return g, dsum + dt
+
+      def group(i, carry):
+        for r in range(p.unroll):
+          carry = token(TILE - 1 - (i * p.unroll + r), carry)
+        return carry
+
+      carry = lax.fori_loop(0, TILE // p.unroll, group, carry)
+      plgpu.commit_smem()
+
+      @pl.when(k + stages < count)
+      def _():
+        ring.fetch(n - stages, slot)
+
+      return carry
+
+    g, dsum = lax.fori_loop(0, count, tile, (tuple(zero for _ in range(n_st)), zero))
+    for j in range(n_st):
+      refs["gloc"][bi, si, j, cols] = g[j]
+    refs["dsum"][bi, si, cols] = dsum
+
+  call = _kernel(p, "ssm_bwd_local", body, (p.nblk, p.batch, ss - 1), out_type=out_type,
+                 scratch_types=scratch)
+  return call(*(arrays[k] for k in in_names))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _bwd_call(p: _Plan, arrays):
+  """The backward kernel: per segment, tiles last first, from the cotangent at the segment's end."""
+  n_st, nt, ss, sub = p.state_pad, p.tiles, p.bwd_segments, p.sub
+  per = -(-nt // ss)
+  nsub = TILE // sub
+  m = p.products
+  names = ["dt", "u", "dy"] + (["z"] if p.has_z else [])
+  bc_names = ["B", "C"]
+  in_names = (names + bc_names + (["bias"] if p.has_bias else []) + (["D"] if p.has_d else [])
+              + ["a2t", "states", "gend"])
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
+  big = lambda k: jax.ShapeDtypeStruct((p.batch, p.lp, p.dp),
+                                       _F32 if p.f32_out else arrays[k].dtype)
+  out_names = ["ddt", "du"] + (["dz"] if p.has_z else []) + ["dbc", "dA", "dD", "dbias", "dh0"]
+  out_type = [big("dt"), big("u")] + ([big("z")] if p.has_z else []) + [
+      f32(p.batch, p.nblk, p.lp * m), f32(p.batch, ss, n_st, p.dp), f32(p.batch, ss, p.dp),
+      f32(p.batch, ss, p.dp), f32(p.batch, n_st, p.dp)]
+  stages = max(1, min(p.bwd_stages, per))
+  scratch = _smem(p, arrays, names, bc_names, stages)
+  scratch["subs"] = plgpu.SMEM((nsub, n_st, BLOCK), _F32)
+  scratch["part"] = plgpu.SMEM((4, TILE * m), _F32)
+  red_layout = plgpu.Layout.WG_STRIDED((TILE * m,), vec_size=4)
+
+  def body(*refs_in, **scratch_refs):
+    refs = dict(zip(in_names + out_names, refs_in))
+    refs.update(scratch_refs)
+    subs, part = refs["subs"], refs["part"]
+    di, bi, si = lax.axis_index("d"), lax.axis_index("b"), lax.axis_index("s")
+    cols = pl.ds(di * BLOCK, BLOCK)
+    ring = _Ring(refs, names, bc_names, _groups_of(p, di), refs["bars"], stages, bi, di, cols)
+    last = jnp.minimum(si * per + per, nt) - 1
+    count = last + 1 - si * per
+    _prologue(count, nt - (ss - 1) * per, stages, lambda i: ring.fetch(last - i, i))
+    bias = _vec(refs["bias"].at[cols]) if p.has_bias else None
+    dskip = _vec(refs["D"].at[cols]) if p.has_d else None
+    a2 = [_vec(refs["a2t"].at[j, cols]) for j in range(n_st)]
+    zero = _full(0.0)
+    g0 = tuple(_vec(refs["gend"].at[bi, si, j, cols]) for j in range(n_st))
+    acc0 = (tuple(zero for _ in range(n_st)), zero, zero)
+
+    def tile(k, carry):
+      n = last - k
+      slot = lax.rem(k, stages)
+      plgpu.barrier_wait(refs["bars"].at[slot])
+      t_s = {name: refs[name + "_s"].at[slot] for name in names + bc_names}
+
+      def inputs(t):
+        raw = _vec(t_s["dt"].at[t])
+        dt, dsp = _delta(p, raw, bias, n * TILE + t)
+        uu = _vec(t_s["u"].at[t]).astype(_F32)
+        return dt, dsp, uu
+
+      def advance(h, t, dec, dtu):
+        return [dec[j] * h[j] + dtu * t_s["B"][t, j] for j in range(n_st)]
+
+      # Pass 1: the state entering every sub-tile, parked in shared memory (own column).
+      def pass1(s, h):
+        h = list(h)
+        for j in range(n_st):
+          subs[s, j, :] = h[j]
+        for r in range(sub):
+          t = s * sub + r
+          dt, _, uu = inputs(t)
+          h = advance(h, t, [jnp.exp2(dt * a2[j]) for j in range(n_st)], dt * uu)
+        return tuple(h)
+
+      h = tuple(_vec(refs["states"].at[bi, n, j, cols]) for j in range(n_st))
+      h = lax.fori_loop(0, nsub - 1, pass1, h)
+      for j in range(n_st):
+        subs[nsub - 1, j, :] = h[j]
+
+      # Pass 2: sub-tiles last first; their states and decays in registers, then the adjoint.
+      def pass2(i, carry):
+        g, (da, dd, db) = carry
+        g, da = list(g), list(da)
+        s = nsub - 1 - i
+        h = [_vec(subs.at[s, j]) for j in range(n_st)]
+        hist = []
+        for r in range(sub):
+          t = s * sub + r
+          dt, dsp, uu = inputs(t)
+          dtu = dt * uu
+          dec = [jnp.exp2(dt * a2[j]) for j in range(n_st)]
+          hist.append((dt, dsp, uu, dtu, h, dec))
+          if r + 1 < sub:
+            h = advance(h, t, dec, dtu)
+        for r in reversed(range(sub)):
+          t = s * sub + r
+          tok = n * TILE + t
+          dt, dsp, uu, dtu, hp, dec = hist[r]
+          dy = _vec(t_s["dy"].at[t]).astype(_F32)
+          if p.has_z:
+            zz = _vec(t_s["z"].at[t]).astype(_F32)
+            sg = _sigmoid(zz)
+            dout = dy * (zz * sg)
+          else:
+            dout = dy
+          ys = dskip * uu if p.has_d else zero
+          gb = zero
+          gda = zero
+          dc, dbp, firsts = [], [], []
+          for j in range(n_st):
+            cj = t_s["C"][t, j]
+            bj = t_s["B"][t, j]
+            ht = dec[j] * hp[j] + dtu * bj
+            ys = ys + ht * cj
+            gg = g[j] + dout * cj
+            if p.early_pair and not p.interpret:  # halve the live products at once
+              firsts.append(_pair_first(ht * dout, gg * dtu))
+            else:
+              dc.append(ht * dout)
+              dbp.append(gg * dtu)
+            gb = gb + gg * bj
+            g[j] = gg * dec[j]
+            q = g[j] * hp[j]
+            da[j] = da[j] + q * dt
+            gda = gda + q * a2[j]
+          row = part.at[:, pl.ds(t * m, m)]
+          if firsts:
+            _lane_sums_mgpu(16, 8)(row, *(firsts + [zero] * (16 - n_st)))
+          else:
+            pad = [zero] * (16 - n_st)
+            _lane_sums(p, row, dc + pad + dbp + pad)
+          ddelta = gda * _LN2 + gb * uu
+          if dsp is not None:
+            ddelta = ddelta * dsp
+          if p.ragged:
+            ddelta = ddelta * (tok < p.length).astype(_F32)
+          db = db + ddelta
+          du = gb * dt
+          if p.has_d:
+            du = du + dskip * dout
+            dd = dd + dout * uu
+          refs["ddt"][bi, tok, cols] = ddelta.astype(refs["ddt"].dtype)
+          refs["du"][bi, tok, cols] = du.astype(refs["du"].dtype)
+          if p.has_z:
+            dz = dy * ys * (sg * (1.0 + zz * (1.0 - sg)))
+            refs["dz"][bi, tok, cols] = dz.astype(refs["dz"].dtype)
+        return tuple(g), (tuple(da), dd, db)
+
+      carry = lax.fori_loop(0, nsub, pass2, carry)
+      plgpu.commit_smem()  # the slot is read and the warps' dB/dC rows are written
+
+      @pl.when(k + stages < count)
+      def _():
+        ring.fetch(n - stages, slot)
+
+      total = None
+      for w in range(4):
+        x = plgpu.load(part.at[w], layout=red_layout, optimized=False)
+        total = x if total is None else total + x
+      refs["dbc"][bi, di, pl.ds(n * (TILE * m), TILE * m)] = total
+      plgpu.commit_smem()  # every thread has read the rows before the next tile rewrites them
+      return carry
+
+    g, (da, dd, db) = lax.fori_loop(0, count, tile, (g0, acc0))
+    for j in range(n_st):
+      refs["dA"][bi, si, j, cols] = da[j]
+    refs["dD"][bi, si, cols] = dd
+    refs["dbias"][bi, si, cols] = db
+
+    @pl.when(si == 0)
+    def _():
+      for j in range(n_st):
+        refs["dh0"][bi, j, cols] = g[j]
+
+  call = _kernel(p, "ssm_bwd", body, (p.nblk, p.batch, ss), out_type=tuple(out_type),
+                 scratch_types=scratch)
+  outs = list(call(*(arrays[k] for k in in_names)))
+  ddt, du = outs[:2]
+  dz = outs[2] if p.has_z else None
+  dbc, dA, dD, dbias, dh0 = outs[3:] if p.has_z else outs[2:]
+  return ddt, du, dz, dbc, dA, dD, dbias, dh0
+
+
+def _backward(p: _Plan, arrays, states, dy, dlast_t):
+  arrays = dict(arrays, dy=dy)
+  if p.bwd_segments > 1:
+    gloc, dsum = _bwd_local_call(p, arrays)
+    decay = jnp.exp2(arrays["a2t"][None, None] * dsum[:, :, None, :])
+
+    def step(g, xs):  # g: cotangent at the end of segment s + 1
+      dec, loc = xs
+      return loc + dec * g, loc + dec * g
+
+    _, before = lax.scan(step, dlast_t, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(gloc, 1, 0)),
+                         reverse=True)
+    gend = jnp.concatenate([jnp.moveaxis(before, 0, 1), dlast_t[:, None]], axis=1)
+  else:
+    gend = dlast_t[:, None]
+  return _bwd_call(p, dict(arrays, states=states, gend=gend))
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points, custom VJP.
+
+
+def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
+  """Why the Mosaic GPU kernel cannot take these (canonical) inputs, or None if it can."""
+  if jnp.issubdtype(A.dtype, jnp.complexfloating):
+    return "complex A is not supported by the fused kernel"
+  reason = empty_reason(u=(u, ("batch", None, "channels")), A=(A, (None, "state")))
+  if reason is not None:
+    return reason
+  reason = dtype_reason(**canonical(u=u, delta=delta, z=z, B=B, C=C, A=A, D=D,
+                                    delta_bias=delta_bias, initial_state=initial_state))
+  if reason is not None:
+    return reason
+  if A.shape[1] > MAX_STATE:
+    return f"state size {A.shape[1]} exceeds the Mosaic GPU kernel's maximum of {MAX_STATE}"
+  if u.shape[1] == 0:
+    return "empty sequence"
+  return None
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, *,
+                   delta_softplus: bool = False, config: Config | None = None,
+                   interpret: bool = False):
+  """Fused selective scan on canonical inputs.
+
+  Args:
+    u, delta: ``(batch, length, channels)``, float32/bfloat16/float16.
+    A: ``(channels, state)`` float32 (real), state <= 256.
+    B, C: ``(batch, length, groups, state)``; groups divide the channels contiguously.
+    D, delta_bias: optional ``(channels,)`` float32.
+    z: optional ``(batch, length, channels)`` gate.
+    initial_state: optional ``(batch, channels, state)`` float32.
+    delta_softplus: apply softplus to ``delta + delta_bias``.
+    config: optional :class:`Config`.
+    interpret: run the kernels in Mosaic GPU's interpreter (CPU; for tests).
+
+  Returns:
+    ``(y, last_state)``: ``y`` ``(batch, length, channels)`` in ``u.dtype``, ``last_state``
+    ``(batch, channels, state)`` float32. Differentiable in all nine arrays (custom VJP).
+  """
+  reason = unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state)
+  if reason is not None:
+    raise ValueError(f"the fused selective scan cannot take these inputs: {reason}")
+  # NumPy float64 arrays with x64 off become float32, as the other backends make them.
+  u, delta, A, B, C, D, z, delta_bias, initial_state = (
+      None if x is None else jnp.asarray(x)
+      for x in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+  config = config or Config()
+  p = _make_plan(u, delta, z, B, C, A, D, delta_bias, delta_softplus, interpret, config)
+  scan = _scan_sliced if p.state_pad > MAX_STATE_PER_CALL else _scan
+  return scan(p, u, delta, A, B, C, D, z, delta_bias, initial_state)
+
+
+def _prepare(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
+  a2 = jnp.maximum(A.astype(_F32) * _LOG2E, _NEG)  # -inf -> most negative finite: no 0·inf
+  arrays = dict(dt=_chan(p, delta), u=_chan(p, u), B=_bc(p, B), C=_bc(p, C),
+                a2t=_state_pad(p, a2[None])[0])
+  if p.has_z:
+    arrays["z"] = _chan(p, z)
+  if p.has_d:
+    arrays["D"] = _vec_pad(p, D)
+  if p.has_bias:
+    arrays["bias"] = _vec_pad(p, delta_bias)
+  if initial_state is None:
+    h0t = jnp.zeros((p.batch, p.state_pad, p.dp), _F32)
+  else:
+    h0t = _state_pad(p, initial_state)
+  return arrays, h0t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
+  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state)
+  y, last, _ = _forward(p, arrays, h0t, save=False)
+  return _unchan(p, y), _state_unpad(p, last)
+
+
+def _scan_fwd(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
+  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state)
+  y, last, states = _forward(p, arrays, h0t, save=True)
+  res = (arrays, states, A, D, delta_bias, initial_state, B, C)
+  return (_unchan(p, y), _state_unpad(p, last)), res
+
+
+def _scan_bwd(p: _Plan, res, cts):
+  arrays, states, A, D, delta_bias, initial_state, B, C = res
+  dy, dlast = cts
+  dlast_t = _state_pad(p, dlast)
+  ddt, du, dz, dbc, dA, dD, dbias, dh0 = _backward(
+      p, arrays, states, _chan(p, dy.astype(arrays["u"].dtype)), dlast_t)
+  dbc = dbc.reshape(p.batch, p.nblk, p.lp, p.products)
+  return _finish_grads(p, du, ddt, dbc[..., :p.state_pad], dbc[..., 16:16 + p.state_pad],
+                       dA.sum(axis=(0, 1)), None if dD is None else dD.sum(axis=(0, 1)), dz,
+                       dbias.sum(axis=(0, 1)), dh0, A, B, C, D, arrays.get("z"), delta_bias,
+                       initial_state, arrays)
+
+
+def _finish_grads(p: _Plan, du, ddt, dcs, dbs, dA, dD, dz, dbias, dh0, A, B, C, D, z, delta_bias,
+                  initial_state, arrays):
+  """Kernel layouts -> the arguments' shapes and dtypes. ``dcs, dbs``: (b, nblk, Lp, np)
+  per-block sums; ``dA`` (np, dp); ``dD, dbias`` (dp,); ``du, ddt, dz`` (b, Lp, dp)."""
+  b = p.batch
+
+  def per_group(x, groups, like):  # blocks -> fine groups -> the array's groups, (b, L, g, n)
+    x = x.reshape(b, p.groups, p.bpg, p.lp, p.state_pad).sum(axis=2)[:, :, :p.length, :p.state]
+    x = x.reshape(b, groups, p.groups // groups, p.length, p.state).sum(axis=2)
+    return jnp.swapaxes(x, 1, 2).astype(like.dtype)
+
+  cast = lambda x, like: None if like is None else x.astype(like.dtype)
+  return (_unchan(p, du).astype(arrays["u"].dtype), _unchan(p, ddt).astype(arrays["dt"].dtype),
+          cast(_state_unpad(p, dA[None])[0], A), per_group(dbs, p.groups_b, B),
+          per_group(dcs, p.groups_c, C), None if D is None else cast(_unvec(p, dD), D),
+          None if z is None else _unchan(p, dz).astype(z.dtype),
+          None if delta_bias is None else cast(_unvec(p, dbias), delta_bias),
+          None if initial_state is None else cast(_state_unpad(p, dh0), initial_state))
+
+
+def _unvec(p: _Plan, x):
+  return x.reshape(p.groups, p.group_channels_pad)[:, :p.group_channels].reshape(p.channels)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# States above MAX_STATE_PER_CALL: slices of states. The recurrences of different states are
+# independent given Δ and u; y, du and dΔ are sums over states, so each slice's kernels return
+# float32 partial sums that XLA adds, and the D skip and the z gate are applied by XLA.
+
+
+def _slices(p: _Plan):
+  k = MAX_STATE_PER_CALL
+  ps = dataclasses.replace(p, state=k, state_pad=k, has_d=False, has_z=False, f32_out=True)
+  return ps, [slice(i, i + k) for i in range(0, p.state_pad, k)]
+
+
+def _slice_arrays(arrays, sl):
+  out = {k: v for k, v in arrays.items() if k not in ("z", "D")}
+  out.update(a2t=arrays["a2t"][sl], B=arrays["B"][..., sl], C=arrays["C"][..., sl])
+  return out
+
+
+def _sliced_forward(p: _Plan, arrays, h0t, save):
+  ps, sls = _slices(p)
+  outs = [_forward(ps, _slice_arrays(arrays, sl), h0t[:, sl], save) for sl in sls]
+  ys = sum(o[0] for o in outs)  # C·h, (b, Lp, dp) float32
+  last = jnp.concatenate([o[1] for o in outs], axis=1)
+  states = [o[2] for o in outs]
+  u32 = arrays["u"].astype(_F32)
+  y = ys + u32 * arrays["D"] if p.has_d else ys
+  if p.has_z:
+    z32 = arrays["z"].astype(_F32)
+    y = y * (z32 * jax.nn.sigmoid(z32))
+  return y.astype(arrays["u"].dtype), last, states, ys
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan_sliced(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
+  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state)
+  y, last, _, _ = _sliced_forward(p, arrays, h0t, save=False)
+  return _unchan(p, y), _state_unpad(p, last)
+
+
+def _scan_sliced_fwd(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
+  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state)
+  y, last, states, ys = _sliced_forward(p, arrays, h0t, save=True)
+  res = (arrays, states, ys, A, D, delta_bias, initial_state, B, C)
+  return (_unchan(p, y), _state_unpad(p, last)), res
+
+
+def _scan_sliced_bwd(p: _Plan, res, cts):
+  arrays, states, ys, A, D, delta_bias, initial_state, B, C = res
+  dy, dlast = cts
+  ps, sls = _slices(p)
+  dy32 = _chan(p, dy.astype(_F32))
+  u32 = arrays["u"].astype(_F32)
+  dz = None
+  dout = dy32
+  if p.has_z:
+    z32 = arrays["z"].astype(_F32)
+    sg = jax.nn.sigmoid(z32)
+    dout = dy32 * z32 * sg
+    yprime = ys + u32 * arrays["D"] if p.has_d else ys
+    dz = dy32 * yprime * sg * (1.0 + z32 * (1.0 - sg))
+  dlast_t = _state_pad(p, dlast)
+  outs = [_backward(ps, _slice_arrays(arrays, sl), st, dout, dlast_t[:, sl])
+          for sl, st in zip(sls, states)]
+  ddt = sum(o[0] for o in outs)
+  du = sum(o[1] for o in outs)
+  if p.has_d:
+    du = du + dout * arrays["D"]
+  b, m, k = p.batch, ps.products, MAX_STATE_PER_CALL
+  dbc = jnp.stack([o[3].reshape(b, p.nblk, p.lp, m) for o in outs], axis=3)  # (b, nblk, Lp, S, m)
+  dcs = dbc[..., :k].reshape(b, p.nblk, p.lp, p.state_pad)
+  dbs = dbc[..., k:2 * k].reshape(b, p.nblk, p.lp, p.state_pad)
+  dA = jnp.concatenate([o[4].sum(axis=(0, 1)) for o in outs], axis=0)
+  dbias = sum(o[6].sum(axis=(0, 1)) for o in outs)
+  dh0 = jnp.concatenate([o[7] for o in outs], axis=1)
+  dD = jnp.sum(dout * u32, axis=(0, 1)) if p.has_d else None
+  return _finish_grads(p, du, ddt, dcs, dbs, dA, dD, dz, dbias, dh0, A, B, C, D, arrays.get("z"),
+                       delta_bias, initial_state, arrays)
+
+
+_scan_sliced.defvjp(_scan_sliced_fwd, _scan_sliced_bwd)

@@ -1,0 +1,92 @@
+"""The Mosaic GPU selective scan (:mod:`ssmax.pallas.selective_scan_mosaic`) in Mosaic GPU's
+interpreter on the CPU, against the float64 oracle: y, the last state and all nine gradients.
+
+The interpreter simulates TMA copies, barriers and shared memory, so what is tested is the kernel's
+blocking: tiles, the copy ring, sequence segments in both directions, channel padding per group,
+the backward's sub-tiles and its dB/dC partial sums (only the warp-shuffle butterfly is replaced by
+a plain sum there). Each case takes tens of seconds on a CPU. The same kernel on a GPU:
+``pytest -m gpu tests/kernels/test_scan_gpu.py``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oracle
+import seeds
+from ssmax.pallas import selective_scan_mosaic as mosaic
+
+NAMES = "u delta A B C D z delta_bias initial_state".split()
+
+
+def make_inputs(b, l, d, n, g):
+  r = np.random.default_rng(seeds.draw())
+  f = lambda *s: r.normal(size=s).astype(np.float32)
+  return dict(u=f(b, l, d), delta=f(b, l, d) * 0.5 - 1.0, A=-np.exp(f(d, n) * 0.5),
+              B=f(b, l, g, n), C=f(b, l, g, n), D=f(d), z=f(b, l, d), delta_bias=f(d) * 0.3,
+              initial_state=f(b, d, n))
+
+
+def check(shape, *, use=("D", "z", "delta_bias", "initial_state"), softplus=True, config=None,
+          tol=2e-5):
+  x = make_inputs(*shape)
+  if not softplus:  # Δ used as given: keep it positive, or the state grows past float32
+    x["delta"] = np.exp(x["delta"] - 1.0)
+  names = [k for k in NAMES if k in ("u", "delta", "A", "B", "C") or k in use]
+  kernel = lambda *a: mosaic.selective_scan(**dict(zip(names, a)), delta_softplus=softplus,
+                                            config=config, interpret=True)
+  (y, last), vjp = jax.vjp(kernel, *(jnp.asarray(x[k]) for k in names))
+  r = np.random.default_rng(seeds.draw())
+  cts = (r.normal(size=y.shape).astype(np.float32), r.normal(size=last.shape).astype(np.float32))
+  grads = vjp(tuple(map(jnp.asarray, cts)))
+  with jax.enable_x64(True):
+    ref = lambda *a: oracle.jax64_scan(**dict(zip(names, a)), delta_softplus=softplus)
+    (y64, last64), vjp64 = jax.vjp(ref, *(np.float64(x[k]) for k in names))
+    grads64 = vjp64(tuple(map(np.float64, cts)))
+  errors = {"y": oracle.rel_err(y, y64), "last_state": oracle.rel_err(last, last64)}
+  errors.update({"d" + k: oracle.rel_err(g, g64) for k, g, g64 in zip(names, grads, grads64)})
+  assert all(e < tol for e in errors.values()), errors
+
+
+def test_every_option_at_a_ragged_length():
+  check((1, 37, 5, 4, 1))
+
+
+def test_segments_groups_and_channel_padding():
+  # 4 tiles in uneven segments in both directions; 2 groups of 65 channels, each padded to its
+  # own 128-channel block.
+  check((2, 100, 130, 5, 2), config=mosaic.Config(segments=3, bwd_segments=3, stages=2))
+
+
+def test_one_state_no_options_no_softplus():
+  check((2, 37, 6, 1, 2), use=(), softplus=False)
+
+
+def test_states_beyond_one_kernel_run_as_slices():
+  check((1, 40, 8, 20, 2), use=("D", "z", "initial_state"))
+
+
+def test_minus_inf_A_stays_finite():
+  x = make_inputs(1, 37, 5, 4, 1)
+  A = jnp.asarray(x["A"]).at[:, 0].set(-jnp.inf)
+  f = lambda u, delta: mosaic.selective_scan(u, delta, A, x["B"], x["C"], x["D"], x["z"],
+                                             x["delta_bias"], delta_softplus=True, interpret=True)
+  (y, last), vjp = jax.vjp(f, jnp.asarray(x["u"]), jnp.asarray(x["delta"]))
+  for a in (y, last, *vjp((jnp.ones_like(y), jnp.ones_like(last)))):
+    assert bool(jnp.all(jnp.isfinite(a)))
+
+
+def test_segments_from_the_cost_model():
+  # Few blocks and a long sequence: split until the SMs are busy; many blocks: no split.
+  assert mosaic.choose_segments(16, 1024, 132, 0.6) >= 4
+  assert mosaic.choose_segments(128, 64, 132, 0.6) == 1
+  assert mosaic.choose_segments(16, 1, 132, 0.6) == 1
+
+
+def test_unsupported_reason():
+  x = make_inputs(1, 8, 4, 4, 1)
+  args = lambda **kw: [jnp.asarray(kw.get(k, x[k])) for k in ("u", "delta", "A", "B", "C")]
+  assert mosaic.unsupported_reason(*args()) is None
+  assert "complex" in mosaic.unsupported_reason(*args(A=x["A"].astype(np.complex64)))
+  assert "exceeds" in mosaic.unsupported_reason(*args(A=np.zeros((4, 300), np.float32)))
