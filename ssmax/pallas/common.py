@@ -39,3 +39,27 @@ def empty_reason(**arrays):
         return (f"{name} has a zero-size {axis} dimension (shape {tuple(np.shape(x))}); the "
                 "fused kernels need at least one")
   return None
+
+
+def scan_unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                            initial_state=None):
+  """Why the fused selective scans (both kernel families take the same inputs) cannot take these
+  canonical inputs, or None if they can."""
+  if jnp.issubdtype(A.dtype, jnp.complexfloating):
+    return "complex A is not supported by the fused kernel"
+  reason = empty_reason(u=(u, ("batch", "length", "channels")), A=(A, (None, "state")))
+  if reason is not None:
+    return reason
+  reason = dtype_reason(**canonical(u=u, delta=delta, B=B, C=C, z=z, A=A, D=D,
+                                    delta_bias=delta_bias, initial_state=initial_state))
+  if reason is not None:
+    return reason
+  if A.shape[1] > MAX_STATE:
+    return f"state size {A.shape[1]} exceeds the fused kernel's maximum of {MAX_STATE}"
+  return None
+
+
+def as_arrays(*xs):
+  """``xs`` as JAX arrays (None kept): NumPy float64 becomes float32 while x64 is off, as the
+  other backends make it."""
+  return tuple(None if x is None else jnp.asarray(x) for x in xs)

@@ -70,7 +70,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ssmax.pallas.common import LOG2E as _LOG2E
-from ssmax.pallas.common import MAX_STATE, canonical, dtype_reason, empty_reason
+from ssmax.pallas.common import as_arrays, scan_unsupported_reason
 
 TILE = 32  # tokens per TMA tile
 BLOCK = 128  # channels per CTA: one per thread of the warpgroup
@@ -897,22 +897,7 @@ def _backward(p: _Plan, arrays, states, dy, dlast_t):
 # Public entry points, custom VJP.
 
 
-def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
-  """Why the Mosaic GPU kernel cannot take these (canonical) inputs, or None if it can."""
-  if jnp.issubdtype(A.dtype, jnp.complexfloating):
-    return "complex A is not supported by the fused kernel"
-  reason = empty_reason(u=(u, ("batch", None, "channels")), A=(A, (None, "state")))
-  if reason is not None:
-    return reason
-  reason = dtype_reason(**canonical(u=u, delta=delta, z=z, B=B, C=C, A=A, D=D,
-                                    delta_bias=delta_bias, initial_state=initial_state))
-  if reason is not None:
-    return reason
-  if A.shape[1] > MAX_STATE:
-    return f"state size {A.shape[1]} exceeds the Mosaic GPU kernel's maximum of {MAX_STATE}"
-  if u.shape[1] == 0:
-    return "empty sequence"
-  return None
+unsupported_reason = scan_unsupported_reason
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, *,
@@ -938,10 +923,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
   reason = unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state)
   if reason is not None:
     raise ValueError(f"the fused selective scan cannot take these inputs: {reason}")
-  # NumPy float64 arrays with x64 off become float32, as the other backends make them.
-  u, delta, A, B, C, D, z, delta_bias, initial_state = (
-      None if x is None else jnp.asarray(x)
-      for x in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+  u, delta, A, B, C, D, z, delta_bias, initial_state = as_arrays(
+      u, delta, A, B, C, D, z, delta_bias, initial_state)
   config = config or Config()
   p = _make_plan(u, delta, z, B, C, A, D, delta_bias, delta_softplus, interpret, config)
   scan = _scan_sliced if p.state_pad > MAX_STATE_PER_CALL else _scan

@@ -49,12 +49,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ssmax.pallas.common import LOG2E as _LOG2E, MAX_STATE, canonical, dtype_reason, empty_reason
+from ssmax.pallas.common import LOG2E as _LOG2E, as_arrays, scan_unsupported_reason
 from ssmax.pallas.common import next_pow2 as _next_pow2
 
 
@@ -852,20 +851,7 @@ def _backward(p: _Plan, res, dy, dlast_t):
 # Public entry points, custom VJP.
 
 
-def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
-  """Why the fused kernel cannot take these (already checked) inputs, or None if it can."""
-  if jnp.issubdtype(A.dtype, jnp.complexfloating):
-    return "complex A is not supported by the fused kernel"
-  reason = empty_reason(u=(u, ("batch", None, "channels")), A=(A, (None, "state")))
-  if reason is not None:
-    return reason
-  reason = dtype_reason(**canonical(u=u, delta=delta, B=B, C=C, z=z, A=A, D=D,
-                                    delta_bias=delta_bias, initial_state=initial_state))
-  if reason is not None:
-    return reason
-  if A.shape[1] > MAX_STATE:
-    return f"state size {A.shape[1]} exceeds the fused kernel's maximum of {MAX_STATE}"
-  return None
+unsupported_reason = scan_unsupported_reason
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, *,
@@ -892,10 +878,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
   reason = unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state)
   if reason is not None:
     raise ValueError(f"the fused selective scan cannot take these inputs: {reason}")
-  # NumPy float64 arrays with x64 off become float32, as the other backends make them.
-  u, delta, A, B, C, D, z, delta_bias, initial_state = (
-      None if x is None else jnp.asarray(x)
-      for x in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+  u, delta, A, B, C, D, z, delta_bias, initial_state = as_arrays(
+      u, delta, A, B, C, D, z, delta_bias, initial_state)
   config = config or Config()
   primal_plan = _make_plan(u, B, C, A, D, z, delta_bias, delta_softplus, interpret, config,
                            primal_only=True)

@@ -11,7 +11,6 @@ a plain sum there). Each case takes tens of seconds on a CPU. The same kernel on
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import oracle
 import seeds
