@@ -178,16 +178,29 @@ def kernel_dplr(Lam, P, B, C, dt, L: int) -> jax.Array:
 # The convolutional view.
 
 
+def after(tree, dep):
+  """``tree`` with a data dependency on ``dep``: each float leaf plus ``0 * dep[0, ..., 0]``.
+
+  Values are unchanged while ``dep``'s first element is finite. Used to make a kernel's FFT wait
+  for the layer's input: XLA's CPU runtime runs FFTs without a data path between them at once,
+  and two ducc FFTs of length >= 2048 at once can wait forever on each other in a 2-thread pool
+  (issue 18, defect 11). The zero is kept: XLA does not fold ``x * 0`` for floats (NaN), and a
+  gradient flows back through it, so the backward's FFTs are ordered the same way.
+  """
+  zero = 0 * jnp.real(dep.reshape(-1)[0])
+  return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(
+      x.dtype, jnp.inexact) else x, tree)
+
+
 def causal_conv(u, K) -> jax.Array:
   """Causal convolution ``y[t] = sum_{k <= t} K[k] u[t - k]`` along the length axis, by FFT.
 
   Both signals are zero-padded to ``length + taps - 1`` before the FFT, so nothing wraps around.
 
-  On the CPU the FFTs are put on one dependency chain (``lax.optimization_barrier``): the kernel's
-  FFT waits for ``u``, ``u``'s for the kernel's. XLA otherwise runs independent FFTs at once (the
-  kernel FFTs of a stack of S4D layers depend only on parameters), and two ducc0 FFTs at once of
-  length >= 2048 could wait forever on each other in the runtime's thread pool: a multi-layer S4D
-  model hung on a 2-core CPU (issue 18, defect 11). Values are unchanged.
+  The kernel's and the input's forward transforms are one FFT of the two stacked along the batch
+  axis, so every FFT of a stack of layers depends on the one before it. XLA's CPU runtime runs
+  independent FFTs at once, and two ducc FFTs of length >= 2048 at once can wait forever on each
+  other in a 2-thread pool: a multi-layer S4D model hung on a 2-core CPU (issue 18, defect 11).
 
   Args:
     u: ``(batch, length, channels)`` or ``(length, channels)``, real float.
@@ -215,14 +228,11 @@ def causal_conv(u, K) -> jax.Array:
   K = K[:, None] if rk == 1 else K
   n = l + K.shape[0] - 1
   u = u.astype(work)
-  serial = jax.default_backend() == "cpu"
-  if serial:  # the kernel's FFT waits for u (see _one_fft_at_a_time)
-    K, u = lax.optimization_barrier((K, u))
-  kf = jnp.fft.rfft(K, n=n, axis=0)
-  if serial:  # u's FFT waits for the kernel's
-    kf, u = lax.optimization_barrier((kf, u))
-  uf = jnp.fft.rfft(u, n=n, axis=-2)
-  y = jnp.fft.irfft(uf * kf, n=n, axis=-2)[..., :l, :]
+  batch = u.shape[:-2]
+  K = jnp.pad(jnp.broadcast_to(K, (K.shape[0], h)), ((0, l - K.shape[0]), (0, 0)))[None]
+  both = jnp.fft.rfft(jnp.concatenate([u.reshape(-1, l, h), K]), n=n, axis=-2)
+  uf, kf = both[:-1], both[-1]
+  y = jnp.fft.irfft(uf * kf, n=n, axis=-2)[..., :l, :].reshape(*batch, l, h)
   return y.astype(out_dtype)
 
 

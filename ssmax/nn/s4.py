@@ -312,12 +312,12 @@ class S4Layer(nnx.Module):
                              sharding.gather_sequence(segment_ids, self.sequence_axis)),
             self.sequence_axis)
       return (y + u32 * self.D[...].astype(jnp.float32)).astype(u.dtype)
-    if self.sequence_axis is None:
-      y = lti.causal_conv(u32, self.kernel(u.shape[1]))
-    else:
-      whole = sharding.gather_sequence(u32, self.sequence_axis)
-      y = sharding.local_piece(lti.causal_conv(whole, self.kernel(whole.shape[1])),
-                               self.sequence_axis)
+    # The kernel's inverse FFT waits for u (lti.after): FFTs at once can hang the CPU runtime.
+    whole = u32 if self.sequence_axis is None else sharding.gather_sequence(
+        u32, self.sequence_axis)
+    y = lti.causal_conv(whole, _kernels_dplr(*lti.after(self.ssm(), whole), whole.shape[1]))
+    if self.sequence_axis is not None:
+      y = sharding.local_piece(y, self.sequence_axis)
     y = y + u32 * self.D[...].astype(jnp.float32)
     return y.astype(u.dtype)
 
