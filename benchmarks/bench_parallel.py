@@ -35,7 +35,7 @@ from flax import nnx
 
 import ssmax
 from benchmarks import harness
-from benchmarks.lm_sizes import build, mamba_config, vocab_size
+from benchmarks.lm_sizes import build, vocab_size
 from experiments import plotting
 from ssmax import nn as snn
 from ssmax import parallel

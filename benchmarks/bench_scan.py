@@ -15,6 +15,10 @@ Usage::
 package side by side, if it is installed (a comparison only, never a dependency of ssmax), and
 records how far its output is from ssmax's.
 
+``--packed`` adds rows ``<backend>+segments`` for ssmax's backends: the same inputs with
+``segment_ids`` of long-tailed document lengths (``scan_inputs.packed_segment_ids``, mean ~256
+tokens), to compare the scan of packed documents with the plain one.
+
 ``--configs`` additionally times blockings of the fused kernel through ``ssmax.pallas`` directly:
 each ``name:key=value,...`` goes to ``ssmax.pallas.Config(key=value, ...)`` as given, e.g.
 ``--configs='c8:chunk=8;c16:chunk=16,bwd_num_warps=8'``.
@@ -30,7 +34,7 @@ from absl import app, flags
 
 import ssmax
 from benchmarks import harness
-from benchmarks.scan_inputs import OFFICIAL_MS, SHAPES, make_inputs, split
+from benchmarks.scan_inputs import OFFICIAL_MS, SHAPES, make_inputs, packed_segment_ids, split
 from experiments import plotting
 
 FLAGS = flags.FLAGS
@@ -44,6 +48,8 @@ flags.DEFINE_integer("iters", 30, "Timed measurements per cell (median reported)
 flags.DEFINE_integer("inner", 5, "Calls enqueued per measurement (the time is divided by it).")
 flags.DEFINE_integer("slow_iters", 3, "Measurements for the sequential backend.")
 flags.DEFINE_float("budget_s", 2.0, "Rough time budget for timing one cell.")
+flags.DEFINE_bool("packed", False, "Also time ssmax's backends with segment_ids (packed "
+                  "documents of long-tailed lengths), as rows '<backend>+segments'.")
 flags.DEFINE_string("configs", "", "';'-separated name:key=value,... of ssmax.pallas.Config to "
                     "time too.")
 flags.DEFINE_list("config_shapes", [], "Shapes for --configs (default: --shapes).")
@@ -138,11 +144,16 @@ def main(argv):
   bench.log(f"copy bandwidth {bw:.0f} GB/s (read + write)")
   rows = report["rows"] = []
   cells = [(s, be, be, None, FLAGS.modes) for s in FLAGS.shapes for be in FLAGS.backends]
+  if FLAGS.packed:
+    cells += [(s, be, f"{be}+segments", None, FLAGS.modes) for s in FLAGS.shapes
+              for be in FLAGS.backends if be != "jla"]
   for name, kv in harness.parse_configs(FLAGS.configs):
     cells += [(s, "pallas", f"pallas[{name}]", kv, FLAGS.config_modes or FLAGS.modes)
               for s in (FLAGS.config_shapes or FLAGS.shapes)]
   for shape, backend, label, kv, modes in cells:
     kw = make_inputs(jax.random.PRNGKey(1), *SHAPES[shape], jnp.bfloat16)
+    if label.endswith("+segments"):
+      kw["segment_ids"] = packed_segment_ids(jax.random.PRNGKey(2), *SHAPES[shape][:2])
     for mode in modes:
       got = harness.attempt(lambda: measure(shape, backend, mode, kw, kv), bench.log)
       row = {**dict(shape=shape, backend=label, mode=mode, ms=float("nan"), peak_GiB=None,

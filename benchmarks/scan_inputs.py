@@ -44,7 +44,19 @@ def make_inputs(key, b, l, d, n, dtype, groups=None, with_state=False) -> dict:
   return kw
 
 
+def packed_segment_ids(key, b: int, l: int, mean_length: float = 256.0) -> jax.Array:
+  """``(b, l)`` int32 segment ids of documents with long-tailed lengths (log-normal, sigma 1,
+  median ``mean_length / e^0.5``, at least 1 token) packed one after another in each row, as a
+  packed training batch of mixed documents would be."""
+  mu = math.log(mean_length) - 0.5
+  lengths = jnp.maximum(1, jnp.exp(mu + jax.random.normal(key, (b, l))).astype(jnp.int32))
+  starts = jnp.cumsum(lengths, axis=1) - lengths  # (b, documents), past l for the unused ones
+  t = jnp.arange(l)
+  return jnp.sum(starts[:, None, :] <= t[None, :, None], axis=-1).astype(jnp.int32) - 1
+
+
 def split(kw: dict) -> tuple[list[str], list, dict]:
-  """``(names, arrays, static)``: the array arguments present, in order, and the rest."""
+  """``(names, arrays, static)``: the array arguments present, in order, and the rest
+  (``segment_ids`` among the rest: not differentiable, it is closed over)."""
   names = [k for k in ARRAYS if k in kw]
   return names, [kw[k] for k in names], {k: v for k, v in kw.items() if k not in names}

@@ -51,8 +51,10 @@ def numpy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
 
 
 def jax64_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-               initial_state=None):
-  """The same recurrence in jax.numpy, time loop unrolled in Python; real A only. Use under x64."""
+               initial_state=None, segment_ids=None):
+  """The same recurrence in jax.numpy, time loop unrolled in Python; real A only. Use under x64.
+  With ``segment_ids`` (batch, length) the state is zeroed before every step whose id differs
+  from the step before's."""
   f64 = lambda a: None if a is None else jnp.asarray(a, jnp.float64)
   u, delta, A, B, C, D, z, delta_bias, h = map(f64, (u, delta, A, B, C, D, z, delta_bias, initial_state))
   b, l, d = u.shape
@@ -69,6 +71,8 @@ def jax64_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     h = jnp.zeros((b, d, A.shape[1]), jnp.float64)
   ys = []
   for t in range(l):
+    if segment_ids is not None and t > 0:
+      h = jnp.where((segment_ids[:, t] != segment_ids[:, t - 1])[:, None, None], 0.0, h)
     h = jnp.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * Bx[:, t]
     ys.append(jnp.sum(Cx[:, t] * h, axis=-1))
   y = jnp.stack(ys, axis=1)

@@ -34,26 +34,35 @@ def _uses_triton(config=None) -> bool:
   return float(capability) < 9.0
 
 
-def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
+def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
+                       segment_ids=None):
   """Why the fused kernel of this machine cannot take these canonical inputs, or None."""
-  reason = selective_scan_triton.unsupported_reason if _uses_triton() else _mosaic_reason
+  triton = _uses_triton()
+  if segment_ids is not None and triton:
+    return "segment_ids are not supported by the Triton kernel (GPUs before Hopper)"
+  reason = selective_scan_triton.unsupported_reason if triton else _mosaic_reason
   return reason(u, delta, A, B, C, D, z, delta_bias, initial_state)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, *,
-                   delta_softplus: bool = False, interpret: bool = False, config=None):
+                   delta_softplus: bool = False, segment_ids=None, interpret: bool = False,
+                   config=None):
   """The fused selective scan on canonical inputs (B and C ``(batch, length, groups, state)``).
 
-  Shapes, dtypes and the result are those of :func:`.selective_scan_mosaic.selective_scan`.
-  ``config`` is a :class:`Config` (Mosaic GPU) or a ``selective_scan_triton.Config`` (which picks
-  the Triton kernel); None picks the kernel for this machine and its default blocking.
+  Shapes, dtypes, ``segment_ids`` and the result are those of
+  :func:`.selective_scan_mosaic.selective_scan`. ``config`` is a :class:`Config` (Mosaic GPU) or
+  a ``selective_scan_triton.Config`` (which picks the Triton kernel, without ``segment_ids``);
+  None picks the kernel for this machine and its default blocking.
   """
   if _uses_triton(config):
+    if segment_ids is not None:
+      raise ValueError("segment_ids are not supported by the Triton kernel (GPUs before Hopper)")
     return selective_scan_triton.selective_scan(
         u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus=delta_softplus,
         interpret=interpret, config=config)
   return _mosaic_scan(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                      delta_softplus=delta_softplus, interpret=interpret, config=config)
+                      delta_softplus=delta_softplus, segment_ids=segment_ids,
+                      interpret=interpret, config=config)
 
 
 __all__ = ["Config", "StepConfig", "selective_scan",

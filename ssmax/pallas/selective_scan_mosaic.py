@@ -28,6 +28,12 @@ a ``lax.scan`` over segments chains them (the segment's total decay is exp(A·Σ
 kernel then runs every segment from its true entering state. The backward does the same in
 reverse with the adjoint recurrence g_{t-1} = exp(Δ_t A)(g_t + C_t dout_t).
 
+Packed documents. ``segment_ids`` become a per-token reset bias, -inf where a document starts and
+0 elsewhere, added to every state's ``exp2`` argument: the decay is exactly 0 there, and so are its
+derivatives, so neither the forward nor the backward needs another change. The bias travels as a
+(TILE, 4) float32 tile beside B and C; a sequence segment holding a reset passes no state through
+it (the combine multiplies its total decay by 0).
+
 Saved for the backward: the (padded) inputs and the float32 state entering every tile,
 ``(batch, tiles, N, channels)`` — 1/32 of a per-token history.
 
@@ -80,6 +86,7 @@ _LN2 = 0.6931471805599453
 _F32 = jnp.float32
 _NEG = float(np.finfo(np.float32).min)
 _VEC = plgpu.Layout.WG_STRIDED((BLOCK,), vec_size=1)  # thread i holds channel i
+_RESET_COLS = 4  # the reset bias travels as (TILE, 4) float32 tiles: TMA rows of 16 bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +189,7 @@ class _Plan:
   has_bias: bool
   softplus: bool
   interpret: bool
+  has_resets: bool = False  # segment_ids: the decay is 0 where a new segment starts
   f32_out: bool = False  # state slices: y, dΔ, du are float32 partial sums
 
   @property
@@ -209,14 +217,16 @@ class _Plan:
     return 32
 
 
-def _bwd_smem(p_state_pad, tile_bytes, stages, sub, products):
-  ring = stages * (4 * TILE * BLOCK * tile_bytes + 2 * TILE * p_state_pad * 4)
+def _bwd_smem(p_state_pad, tile_bytes, stages, sub, products, resets=False):
+  ring = stages * (4 * TILE * BLOCK * tile_bytes + 2 * TILE * p_state_pad * 4
+                   + resets * TILE * _RESET_COLS * 4)
   subs = (TILE // sub) * p_state_pad * BLOCK * 4
   part = 4 * TILE * products * 4
   return ring + subs + part
 
 
-def _make_plan(u, delta, z, B, C, A, D, delta_bias, softplus, interpret, config: Config) -> _Plan:
+def _make_plan(u, delta, z, B, C, A, D, delta_bias, softplus, interpret, config: Config,
+               resets: bool = False) -> _Plan:
   for name in ("unroll", "primal_unroll", "sub"):
     v = getattr(config, name)
     if v is not None and (v < 1 or TILE % v):
@@ -242,15 +252,15 @@ def _make_plan(u, delta, z, B, C, A, D, delta_bias, softplus, interpret, config:
   tile_bytes = max(jnp.dtype(x.dtype).itemsize for x in tiled)
   if np_ > MAX_STATE_PER_CALL:  # sliced: slices of MAX_STATE_PER_CALL, float32 dy
     np_, tile_bytes = _round_up(n, MAX_STATE_PER_CALL), 4
-  stages, sub = _fit_bwd(min(np_, MAX_STATE_PER_CALL), tile_bytes, config)
+  stages, sub = _fit_bwd(min(np_, MAX_STATE_PER_CALL), tile_bytes, config, resets)
   return _Plan(b, l, d, n, gb, gc, g, cpg, cpgp, np_, tiles, seg, bseg, config.stages, stages,
                config.unroll, config.primal_unroll, sub, config.early_pair, D is not None,
                z is not None,
                delta_bias is not None,
-               bool(softplus), bool(interpret))
+               bool(softplus), bool(interpret), bool(resets))
 
 
-def _fit_bwd(np_, tile_bytes, config: Config):
+def _fit_bwd(np_, tile_bytes, config: Config, resets: bool = False):
   """Backward ring depth and register sub-tile that fit shared memory (short sub-tiles first:
   they keep the recomputed states in registers without spilling)."""
   products = 32
@@ -258,11 +268,11 @@ def _fit_bwd(np_, tile_bytes, config: Config):
   sub = config.sub
   if sub is None:
     for sub in (2, 4, 8, 16, 32):
-      if _bwd_smem(np_, tile_bytes, stages, sub, products) <= SMEM_BYTES:
+      if _bwd_smem(np_, tile_bytes, stages, sub, products, resets) <= SMEM_BYTES:
         break
     else:
       stages, sub = 1, 4
-  while _bwd_smem(np_, tile_bytes, stages, sub, products) > SMEM_BYTES and stages > 1:
+  while _bwd_smem(np_, tile_bytes, stages, sub, products, resets) > SMEM_BYTES and stages > 1:
     stages -= 1
   return stages, sub
 
@@ -393,14 +403,14 @@ def _prologue(count, min_count, stages, fetch):
 def _smem(p: _Plan, arrays, names, bc_names, stages):
   out = {k + "_s": plgpu.SMEM((stages, TILE, BLOCK), arrays[k].dtype) for k in names}
   for k in bc_names:
-    out[k + "_s"] = plgpu.SMEM((stages, TILE, p.state_pad), _F32)
+    out[k + "_s"] = plgpu.SMEM((stages, TILE, arrays[k].shape[-1]), _F32)
   out["bars"] = plgpu.Barrier(num_arrivals=len(names) + len(bc_names), num_barriers=stages)
   return out
 
 
 def _groups_of(p: _Plan, di):
   fg = di // p.bpg
-  return {"B": fg // (p.groups // p.groups_b), "C": fg // (p.groups // p.groups_c)}
+  return {"B": fg // (p.groups // p.groups_b), "C": fg // (p.groups // p.groups_c), "rb": 0}
 
 
 def _delta(p: _Plan, raw, bias, tok):
@@ -417,6 +427,17 @@ def _delta(p: _Plan, raw, bias, tok):
   return dt, dsp
 
 
+def _reset_bias(p: _Plan, t_s, t):
+  """0, or -inf where a new segment starts at token ``t`` of the tile (None without resets)."""
+  return t_s["rb"][t, 0] if p.has_resets else None
+
+
+def _decay(dt, a2j, rb):
+  """exp(Δ A) of one state; exactly 0 at a reset, where ``rb`` = -inf. Its derivatives are then 0
+  too, so the backward needs nothing more than this decay."""
+  return jnp.exp2(dt * a2j if rb is None else dt * a2j + rb)
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward.
 
@@ -430,7 +451,7 @@ def _fwd_call(p: _Plan, mode: str, arrays):
   n_st, nt, ss = p.state_pad, p.tiles, p.segments
   per = -(-nt // ss)
   names = ["dt", "u"] + (["z"] if (main and p.has_z) else [])
-  bc_names = ["B"] + (["C"] if main else [])
+  bc_names = ["B"] + (["C"] if main else []) + (["rb"] if p.has_resets else [])
   vec_names = (["bias"] if p.has_bias else []) + (["D"] if (main and p.has_d) else []) + ["a2t"]
   in_names = names + bc_names + vec_names + (["enter"] if main else [])
   f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
@@ -484,10 +505,11 @@ def _fwd_call(p: _Plan, mode: str, arrays):
         dt, _ = _delta(p, _vec(t_s["dt"].at[t]), bias, tok)
         uu = _vec(t_s["u"].at[t]).astype(_F32)
         dtu = dt * uu
+        rb = _reset_bias(p, t_s, t)
         h = list(h)
         y = dskip * uu if dskip is not None else None
         for j in range(n_st):
-          h[j] = jnp.exp2(dt * a2[j]) * h[j] + dtu * t_s["B"][t, j]
+          h[j] = _decay(dt, a2[j], rb) * h[j] + dtu * t_s["B"][t, j]
           if main:
             y = h[j] * t_s["C"][t, j] if y is None else y + h[j] * t_s["C"][t, j]
         if main:
@@ -529,11 +551,20 @@ def _fwd_call(p: _Plan, mode: str, arrays):
   return call(*(arrays[k] for k in in_names))
 
 
+def _unbroken(p: _Plan, rb, segments: int):
+  """``(batch, segments)`` float32: 1 where no reset falls inside a sequence segment, else 0."""
+  per = -(-p.tiles // segments) * TILE
+  rb = jnp.pad(rb[:, 0, :, 0], ((0, 0), (0, per * segments - p.lp)))
+  return jnp.all(rb.reshape(p.batch, segments, per) == 0, axis=-1).astype(_F32)
+
+
 def _forward(p: _Plan, arrays, h0t, save: bool):
   """y (b, Lp, dp), last state (b, np, dp), and the per-tile states if ``save``."""
   if p.segments > 1:
     hloc, dsum = _fwd_call(p, "local", arrays)
     decay = jnp.exp2(arrays["a2t"][None, None] * dsum[:, :, None, :])
+    if p.has_resets:  # a segment holding a reset passes nothing through it
+      decay = decay * _unbroken(p, arrays["rb"], p.segments)[:, :-1, None, None]
 
     def step(h, xs):
       dec, loc = xs
@@ -636,7 +667,7 @@ def _bwd_local_call(p: _Plan, arrays):
   n_st, nt, ss = p.state_pad, p.tiles, p.bwd_segments
   per = -(-nt // ss)
   names = ["dt", "dy"] + (["z"] if p.has_z else [])
-  bc_names = ["C"]
+  bc_names = ["C"] + (["rb"] if p.has_resets else [])
   in_names = names + bc_names + (["bias"] if p.has_bias else []) + ["a2t"]
   f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
   out_names = ["gloc", "dsum"]
@@ -672,7 +703,8 @@ def _bwd_local_call(p: _Plan, arrays):
         if p.has_z:
           zz = _vec(t_s["z"].at[t]).astype(_F32)
           dout = dout * (zz * _sigmoid(zz))
-        g = tuple(jnp.exp2(dt * a2[j]) * (g[j] + dout * t_s["C"][t, j]) for j in range(n_st))
+        rb = _reset_bias(p, t_s, t)
+        g = tuple(_decay(dt, a2[j], rb) * (g[j] + dout * t_s["C"][t, j]) for j in range(n_st))
         return g, dsum + dt
 
       def group(i, carry):
@@ -707,7 +739,7 @@ def _bwd_call(p: _Plan, arrays):
   nsub = TILE // sub
   m = p.products
   names = ["dt", "u", "dy"] + (["z"] if p.has_z else [])
-  bc_names = ["B", "C"]
+  bc_names = ["B", "C"] + (["rb"] if p.has_resets else [])
   in_names = (names + bc_names + (["bias"] if p.has_bias else []) + (["D"] if p.has_d else [])
               + ["a2t", "states", "gend"])
   f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
@@ -763,7 +795,8 @@ def _bwd_call(p: _Plan, arrays):
         for r in range(sub):
           t = s * sub + r
           dt, _, uu = inputs(t)
-          h = advance(h, t, [jnp.exp2(dt * a2[j]) for j in range(n_st)], dt * uu)
+          rb = _reset_bias(p, t_s, t)
+          h = advance(h, t, [_decay(dt, a2[j], rb) for j in range(n_st)], dt * uu)
         return tuple(h)
 
       h = tuple(_vec(refs["states"].at[bi, n, j, cols]) for j in range(n_st))
@@ -782,7 +815,8 @@ def _bwd_call(p: _Plan, arrays):
           t = s * sub + r
           dt, dsp, uu = inputs(t)
           dtu = dt * uu
-          dec = [jnp.exp2(dt * a2[j]) for j in range(n_st)]
+          rb = _reset_bias(p, t_s, t)
+          dec = [_decay(dt, a2[j], rb) for j in range(n_st)]
           hist.append((dt, dsp, uu, dtu, h, dec))
           if r + 1 < sub:
             h = advance(h, t, dec, dtu)
@@ -880,6 +914,8 @@ def _backward(p: _Plan, arrays, states, dy, dlast_t):
   if p.bwd_segments > 1:
     gloc, dsum = _bwd_local_call(p, arrays)
     decay = jnp.exp2(arrays["a2t"][None, None] * dsum[:, :, None, :])
+    if p.has_resets:
+      decay = decay * _unbroken(p, arrays["rb"], p.bwd_segments)[:, 1:, None, None]
 
     def step(g, xs):  # g: cotangent at the end of segment s + 1
       dec, loc = xs
@@ -901,7 +937,7 @@ unsupported_reason = scan_unsupported_reason
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, *,
-                   delta_softplus: bool = False, config: Config | None = None,
+                   delta_softplus: bool = False, segment_ids=None, config: Config | None = None,
                    interpret: bool = False):
   """Fused selective scan on canonical inputs.
 
@@ -913,6 +949,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
     z: optional ``(batch, length, channels)`` gate.
     initial_state: optional ``(batch, channels, state)`` float32.
     delta_softplus: apply softplus to ``delta + delta_bias``.
+    segment_ids: optional ``(batch, length)`` integers (packed documents): the state restarts
+      from zero at every ``t >= 1`` whose id differs from ``t - 1``'s; ``initial_state`` feeds
+      the first document only. In the kernels a reset is a decay of exactly 0 (``exp2`` of
+      ``-inf``), so the recurrence and its gradients need no other change; a sequence segment
+      holding a reset passes no state through it.
     config: optional :class:`Config`.
     interpret: run the kernels in Mosaic GPU's interpreter (CPU; for tests).
 
@@ -926,12 +967,26 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
   u, delta, A, B, C, D, z, delta_bias, initial_state = as_arrays(
       u, delta, A, B, C, D, z, delta_bias, initial_state)
   config = config or Config()
-  p = _make_plan(u, delta, z, B, C, A, D, delta_bias, delta_softplus, interpret, config)
+  p = _make_plan(u, delta, z, B, C, A, D, delta_bias, delta_softplus, interpret, config,
+                 resets=segment_ids is not None)
+  rb = None if segment_ids is None else _reset_bias_array(p, segment_ids)
   scan = _scan_sliced if p.state_pad > MAX_STATE_PER_CALL else _scan
-  return scan(p, u, delta, A, B, C, D, z, delta_bias, initial_state)
+  return scan(p, u, delta, A, B, C, D, z, delta_bias, initial_state, rb)
 
 
-def _prepare(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
+def _reset_bias_array(p: _Plan, segment_ids):
+  """``(batch, 1, Lp, 4)`` float32: -inf at each t >= 1 whose id differs from t - 1's, else 0."""
+  ids = jnp.asarray(segment_ids)
+  if ids.shape != (p.batch, p.length) or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"segment_ids must be ({p.batch}, {p.length}) integers; got "
+                     f"{ids.shape} {ids.dtype}")
+  new = jnp.concatenate([jnp.zeros((p.batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+  rb = jnp.where(new, -jnp.inf, 0.0).astype(_F32)
+  rb = jnp.pad(rb, ((0, 0), (0, p.lp - p.length)))
+  return jnp.broadcast_to(rb[:, None, :, None], (p.batch, 1, p.lp, _RESET_COLS))
+
+
+def _prepare(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state, rb):
   a2 = jnp.maximum(A.astype(_F32) * _LOG2E, _NEG)  # -inf -> most negative finite: no 0·inf
   arrays = dict(dt=_chan(p, delta), u=_chan(p, u), B=_bc(p, B), C=_bc(p, C),
                 a2t=_state_pad(p, a2[None])[0])
@@ -941,6 +996,8 @@ def _prepare(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
     arrays["D"] = _vec_pad(p, D)
   if p.has_bias:
     arrays["bias"] = _vec_pad(p, delta_bias)
+  if rb is not None:
+    arrays["rb"] = rb
   if initial_state is None:
     h0t = jnp.zeros((p.batch, p.state_pad, p.dp), _F32)
   else:
@@ -949,14 +1006,14 @@ def _prepare(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
-  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state)
+def _scan(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state, rb):
+  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state, rb)
   y, last, _ = _forward(p, arrays, h0t, save=False)
   return _unchan(p, y), _state_unpad(p, last)
 
 
-def _scan_fwd(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
-  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state)
+def _scan_fwd(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state, rb):
+  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state, rb)
   y, last, states = _forward(p, arrays, h0t, save=True)
   res = (arrays, states, A, D, delta_bias, initial_state, B, C)
   return (_unchan(p, y), _state_unpad(p, last)), res
@@ -969,10 +1026,10 @@ def _scan_bwd(p: _Plan, res, cts):
   ddt, du, dz, dbc, dA, dD, dbias, dh0 = _backward(
       p, arrays, states, _chan(p, dy.astype(arrays["u"].dtype)), dlast_t)
   dbc = dbc.reshape(p.batch, p.nblk, p.lp, p.products)
-  return _finish_grads(p, du, ddt, dbc[..., :p.state_pad], dbc[..., 16:16 + p.state_pad],
-                       dA.sum(axis=(0, 1)), None if dD is None else dD.sum(axis=(0, 1)), dz,
-                       dbias.sum(axis=(0, 1)), dh0, A, B, C, D, arrays.get("z"), delta_bias,
-                       initial_state, arrays)
+  return (*_finish_grads(p, du, ddt, dbc[..., :p.state_pad], dbc[..., 16:16 + p.state_pad],
+                        dA.sum(axis=(0, 1)), None if dD is None else dD.sum(axis=(0, 1)), dz,
+                        dbias.sum(axis=(0, 1)), dh0, A, B, C, D, arrays.get("z"), delta_bias,
+                        initial_state, arrays), None)  # no cotangent for the reset bias
 
 
 def _finish_grads(p: _Plan, du, ddt, dcs, dbs, dA, dD, dz, dbias, dh0, A, B, C, D, z, delta_bias,
@@ -1035,14 +1092,14 @@ def _sliced_forward(p: _Plan, arrays, h0t, save):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan_sliced(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
-  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state)
+def _scan_sliced(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state, rb):
+  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state, rb)
   y, last, _, _ = _sliced_forward(p, arrays, h0t, save=False)
   return _unchan(p, y), _state_unpad(p, last)
 
 
-def _scan_sliced_fwd(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state):
-  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state)
+def _scan_sliced_fwd(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state, rb):
+  arrays, h0t = _prepare(p, u, delta, A, B, C, D, z, delta_bias, initial_state, rb)
   y, last, states, ys = _sliced_forward(p, arrays, h0t, save=True)
   res = (arrays, states, ys, A, D, delta_bias, initial_state, B, C)
   return (_unchan(p, y), _state_unpad(p, last)), res
@@ -1077,8 +1134,8 @@ def _scan_sliced_bwd(p: _Plan, res, cts):
   dbias = sum(o[6].sum(axis=(0, 1)) for o in outs)
   dh0 = jnp.concatenate([o[7] for o in outs], axis=1)
   dD = jnp.sum(dout * u32, axis=(0, 1)) if p.has_d else None
-  return _finish_grads(p, du, ddt, dcs, dbs, dA, dD, dz, dbias, dh0, A, B, C, D, arrays.get("z"),
-                       delta_bias, initial_state, arrays)
+  return (*_finish_grads(p, du, ddt, dcs, dbs, dA, dD, dz, dbias, dh0, A, B, C, D,
+                        arrays.get("z"), delta_bias, initial_state, arrays), None)
 
 
 _scan_sliced.defvjp(_scan_sliced_fwd, _scan_sliced_bwd)

@@ -48,8 +48,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   Raises:
     ValueError: on a bad shape, dtype, group count or backend, naming the argument; on a
       ``sequence_axis`` that is not a string or not bound by an enclosing ``shard_map``; with
-      ``segment_ids`` and ``backend="pallas"`` (the fused kernel does not take them yet; ``"auto"``
-      then runs ``"associative"``).
+      ``segment_ids`` and ``backend="pallas"`` on a GPU before Hopper (its Triton kernel does not
+      take them; ``"auto"`` then runs ``"associative"``).
 
   Packed sequences:
     Several documents may share a row: ``segment_ids[b, t]`` names the document of position

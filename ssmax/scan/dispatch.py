@@ -32,12 +32,10 @@ def parse(backend, name: str = "backend") -> Backend:
 
 def kernel_unsupported_reason(x: ScanInputs) -> str | None:
   """Why the fused kernel cannot run the scan of ``x``, or None."""
-  if x.segment_ids is not None:
-    return "segment_ids are not supported by the fused kernel yet"
   from ssmax import pallas  # the kernels layer; imported only when asked about
 
   reason = pallas.unsupported_reason(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias,
-                                     x.initial_state)
+                                     x.initial_state, x.segment_ids)
   if reason is None and jax.typeof(x.u).mat.varying:
     # Inside shard_map, values are typed by the mesh axes they vary along; Mosaic GPU traces a
     # kernel's body with those types and its loops then fail to type-check (seen on an H100).
@@ -78,4 +76,4 @@ def run(backend: Backend, x: ScanInputs):
 
   return pallas.selective_scan(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias,
                                x.initial_state, delta_softplus=x.delta_softplus,
-                               interpret=jax.default_backend() != "gpu")
+                               segment_ids=x.segment_ids, interpret=jax.default_backend() != "gpu")

@@ -28,19 +28,20 @@ def make_inputs(b, l, d, n, g):
 
 
 def check(shape, *, use=("D", "z", "delta_bias", "initial_state"), softplus=True, config=None,
-          tol=2e-5):
+          tol=2e-5, segment_ids=None):
   x = make_inputs(*shape)
   if not softplus:  # Δ used as given: keep it positive, or the state grows past float32
     x["delta"] = np.exp(x["delta"] - 1.0)
   names = [k for k in NAMES if k in ("u", "delta", "A", "B", "C") or k in use]
   kernel = lambda *a: mosaic.selective_scan(**dict(zip(names, a)), delta_softplus=softplus,
-                                            config=config, interpret=True)
+                                            segment_ids=segment_ids, config=config, interpret=True)
   (y, last), vjp = jax.vjp(kernel, *(jnp.asarray(x[k]) for k in names))
   r = np.random.default_rng(seeds.draw())
   cts = (r.normal(size=y.shape).astype(np.float32), r.normal(size=last.shape).astype(np.float32))
   grads = vjp(tuple(map(jnp.asarray, cts)))
   with jax.enable_x64(True):
-    ref = lambda *a: oracle.jax64_scan(**dict(zip(names, a)), delta_softplus=softplus)
+    ref = lambda *a: oracle.jax64_scan(**dict(zip(names, a)), delta_softplus=softplus,
+                                       segment_ids=segment_ids)
     (y64, last64), vjp64 = jax.vjp(ref, *(np.float64(x[k]) for k in names))
     grads64 = vjp64(tuple(map(np.float64, cts)))
   errors = {"y": oracle.rel_err(y, y64), "last_state": oracle.rel_err(last, last64)}
@@ -64,6 +65,27 @@ def test_one_state_no_options_no_softplus():
 
 def test_states_beyond_one_kernel_run_as_slices():
   check((1, 40, 8, 20, 2), use=("D", "z", "initial_state"))
+
+
+def _ids(length, *rows):
+  """(rows, length) segment ids whose documents start at the given positions."""
+  ids = np.zeros((len(rows), length), np.int32)
+  for b, starts in enumerate(rows):
+    for t in starts:
+      ids[b, t:] += 1
+  return ids
+
+
+def test_segment_ids_at_tile_and_segment_edges():
+  # 4 tiles of 32 in segments of 2 tiles (forward and backward): documents of length 1 first and
+  # last, boundaries at a tile edge (32), a segment edge (64) and one token past it; the second
+  # row is one document, so its state crosses the segment edges.
+  check((2, 100, 5, 4, 1), config=mosaic.Config(segments=2, bwd_segments=2, stages=2),
+        segment_ids=_ids(100, [1, 32, 64, 65, 99], []))
+
+
+def test_segment_ids_with_state_slices_and_groups():
+  check((1, 37, 8, 20, 2), use=("D", "z", "initial_state"), segment_ids=_ids(37, [5, 6, 36]))
 
 
 def test_minus_inf_A_stays_finite():

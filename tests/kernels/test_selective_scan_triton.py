@@ -190,3 +190,15 @@ def test_rows_backward_needs_one_warp_of_channels():
   # "auto" takes the tile layout for such a backward instead, and agrees with the default.
   np.testing.assert_allclose(grad(triton_scan.Config(bwd_block_channels=64)),
                              grad(triton_scan.Config()), rtol=1e-5, atol=1e-5)
+
+
+def test_declines_segment_ids():
+  """Packed documents run on the Mosaic GPU kernel only; asking the Triton one is a clear error."""
+  from ssmax import pallas
+
+  kw = oracle.random_inputs(11, b=1, l=8, d=5, n=3)
+  args = [jnp.asarray(kw[k]) for k in ("u", "delta", "A")] + [
+      jnp.asarray(kw[k])[:, :, None] for k in ("B", "C")]
+  with pytest.raises(ValueError, match="segment_ids are not supported by the Triton kernel"):
+    pallas.selective_scan(*args, segment_ids=np.zeros((1, 8), np.int32),
+                          config=triton_scan.Config(), interpret=True)

@@ -158,18 +158,17 @@ def test_packed_under_jit_and_vmap(seed):
   assert rel_err(y, one_by_one(numpy_scan, kw, seg)[0]) < 2e-4
 
 
-def test_fused_kernel_declines_segment_ids(seed):
-  kw = random_inputs(seed, b=1, l=8, d=5, n=3)
-  seg = ids_from_starts(8, [3])
+def test_fused_kernel_takes_segment_ids(seed):
+  """backend="pallas" (Mosaic GPU's interpreter here) through the public API: outputs and last
+  state equal the documents one by one; the kernel's own oracle tests (gradients, tile and segment
+  edges) are in tests/kernels/test_selective_scan_mosaic.py."""
+  kw = random_inputs(seed, b=2, l=37, d=5, n=3, groups=5)
+  seg = LAYOUTS["mixed"]()
   x = ssmax.scan.check_inputs(**{k: kw[k] for k in SCAN_NAMES}, segment_ids=seg)
-  assert dispatch.kernel_unsupported_reason(x) == ("segment_ids are not supported by the fused "
-                                                   "kernel yet")
-  assert dispatch.resolve("auto", x) is dispatch.Backend.ASSOCIATIVE
-  with pytest.raises(ValueError, match=r'backend="pallas" cannot take these inputs: segment_ids '
-                                       r'are not supported by the fused kernel yet'):
-    ssmax.selective_scan(**kw, backend="pallas", segment_ids=seg)
-  y = ssmax.selective_scan(**kw, backend="auto", segment_ids=seg)
-  assert rel_err(y, one_by_one(numpy_scan, kw, seg)[0]) < 2e-4
+  assert dispatch.kernel_unsupported_reason(x) is None
+  y, last = ssmax.selective_scan(**kw, return_last_state=True, backend="pallas", segment_ids=seg)
+  y_ref, last_ref = one_by_one(numpy_scan, kw, seg)
+  assert rel_err(y, y_ref) < 2e-4 and rel_err(last, last_ref) < 2e-4
 
 
 @pytest.mark.parametrize("segment_ids, match", [
