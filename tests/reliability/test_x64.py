@@ -1,4 +1,5 @@
-"""Issue 18, defect 6: with ``jax_enable_x64`` on, every backend runs forward and backward.
+"""Issue 18, defect 6: with ``jax_enable_x64`` on, every backend (both kernel families included)
+runs forward and backward.
 
 The Pallas kernels index in int32; traced under x64 their Python ints and aranges became int64 and
 ``dynamic_slice`` refused the mix. Results are compared with the float64 oracle.
@@ -14,15 +15,17 @@ import pytest
 import oracle
 import seeds
 import ssmax
+from ssmax.pallas import selective_scan_mosaic as mosaic_scan
 from ssmax.pallas import selective_scan_triton as triton_scan
 
 SMALL = triton_scan.Config(chunk=2, splits=1)
-BACKENDS = ["sequential", "associative", "pallas"]
+BACKENDS = ["sequential", "associative", "pallas", "pallas_mosaic"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scan_forward_and_backward_under_x64(backend):
-  kw = oracle.random_inputs(seeds.draw(), b=1, l=5, d=2, n=2)
+  kw = oracle.random_inputs(seeds.draw(), b=1, l=5 if backend != "pallas_mosaic" else 37, d=2,
+                            n=2)
   want_y, want_h = oracle.numpy_scan(**kw)
   with jax.enable_x64(True):
     args = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
@@ -32,6 +35,10 @@ def test_scan_forward_and_backward_under_x64(backend):
       if backend == "pallas":  # the kernel itself, with a short chunk: interpret mode is slow
         a.update(B=a["B"][:, :, None], C=a["C"][:, :, None])  # the kernel takes groups
         y, h = triton_scan.selective_scan(**a, interpret=True, config=SMALL)
+      elif backend == "pallas_mosaic":  # two sequence segments: the combine runs under x64 too
+        a.update(B=a["B"][:, :, None], C=a["C"][:, :, None])
+        y, h = mosaic_scan.selective_scan(
+            **a, interpret=True, config=mosaic_scan.Config(segments=2, bwd_segments=2))
       else:
         y, h = ssmax.selective_scan(**a, return_last_state=True, backend=backend)
       return jnp.sum(y * y) + jnp.sum(h), (y, h)
