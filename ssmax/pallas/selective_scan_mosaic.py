@@ -333,7 +333,11 @@ def _bc(p: _Plan, x):
 
 
 def _vec(ref):
-  return plgpu.load(ref, layout=_VEC, optimized=False)
+  x = plgpu.load(ref, layout=_VEC, optimized=False)
+  # Inside shard_map a load from an input keeps the input's varying-axis type, but the kernel's
+  # arithmetic is traced with that check off and drops it, so loop carries would change type:
+  # x * 1 (folded by the compiler) gives the load the arithmetic's plain type.
+  return x * 1.0 if jax.typeof(x).mat.varying else x
 
 
 def _full(value):
@@ -367,9 +371,26 @@ def _kernel(p: _Plan, name, body, grid, *, out_type, **kwargs):
         **kwargs)
     # Indices are int32 (block ids); with jax_enable_x64 on, Python ints would trace as int64.
     with jax.enable_x64(False):
-      return kernel(*args)
+      return _varying_like(kernel(*args), args)
 
   return call
+
+
+def _varying_like(outs, args):
+  """``outs`` typed as varying along every mesh axis some input varies along. Inside
+  ``shard_map`` a kernel's results come back typed as the same on every shard (Mosaic GPU traces
+  kernels with the varying-axis check off); they are per shard, like the inputs."""
+  axes = set()
+  for a in jax.tree.leaves(args):
+    axes |= set(jax.typeof(a).mat.varying)
+  if not axes:
+    return outs
+
+  def vary(x):
+    missing = tuple(sorted(axes - set(jax.typeof(x).mat.varying)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(vary, outs)
 
 
 class _Ring:
@@ -570,7 +591,8 @@ def _forward(p: _Plan, arrays, h0t, save: bool):
       dec, loc = xs
       return dec * h + loc, h
 
-    last, enter = lax.scan(step, h0t, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(hloc, 1, 0)))
+    last, enter = lax.scan(step, _varying_like(h0t, [hloc]),
+                           (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(hloc, 1, 0)))
     enter = jnp.concatenate([jnp.moveaxis(enter, 0, 1), last[:, None]], axis=1)
   else:
     enter = h0t[:, None]
@@ -921,8 +943,8 @@ def _backward(p: _Plan, arrays, states, dy, dlast_t):
       dec, loc = xs
       return loc + dec * g, loc + dec * g
 
-    _, before = lax.scan(step, dlast_t, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(gloc, 1, 0)),
-                         reverse=True)
+    _, before = lax.scan(step, _varying_like(dlast_t, [gloc]),
+                         (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(gloc, 1, 0)), reverse=True)
     gend = jnp.concatenate([jnp.moveaxis(before, 0, 1), dlast_t[:, None]], axis=1)
   else:
     gend = dlast_t[:, None]
@@ -964,8 +986,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
   reason = unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state)
   if reason is not None:
     raise ValueError(f"the fused selective scan cannot take these inputs: {reason}")
-  u, delta, A, B, C, D, z, delta_bias, initial_state = as_arrays(
-      u, delta, A, B, C, D, z, delta_bias, initial_state)
+  args = as_arrays(u, delta, A, B, C, D, z, delta_bias, initial_state)
+  # Inside shard_map: every input typed as varying like the others, so that each cotangent has
+  # its input's type (the cast's transpose sums a replicated input's gradient over the shards).
+  u, delta, A, B, C, D, z, delta_bias, initial_state = _varying_like(args, args)
   config = config or Config()
   p = _make_plan(u, delta, z, B, C, A, D, delta_bias, delta_softplus, interpret, config,
                  resets=segment_ids is not None)

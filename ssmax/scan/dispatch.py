@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import math
 
 import jax
+from jax import lax
 
 from ssmax.scan import reference
 from ssmax.scan.inputs import ScanInputs
@@ -13,7 +15,8 @@ from ssmax.scan.inputs import ScanInputs
 class Backend(str, enum.Enum):
   """How the scan runs. Plain strings with these values are accepted everywhere."""
 
-  AUTO = "auto"  # the fused kernel on a GPU when it takes the inputs, else associative
+  AUTO = "auto"  # the fused kernel on a GPU when it takes the inputs (not in shard_map yet),
+  # else associative
   SEQUENTIAL = "sequential"  # lax.scan over time
   ASSOCIATIVE = "associative"  # lax.associative_scan, O(log length) depth
   PALLAS = "pallas"  # the fused kernel of ssmax.pallas (interpret mode off the GPU)
@@ -36,11 +39,16 @@ def kernel_unsupported_reason(x: ScanInputs) -> str | None:
 
   reason = pallas.unsupported_reason(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias,
                                      x.initial_state, x.segment_ids)
-  if reason is None and jax.typeof(x.u).mat.varying:
-    # Inside shard_map, values are typed by the mesh axes they vary along; Mosaic GPU traces a
-    # kernel's body with those types and its loops then fail to type-check (seen on an H100).
-    reason = "the fused kernel does not run inside shard_map yet"
+  if reason is None and _inside_shard_map(x) and jax.default_backend() != "gpu":
+    shards = math.prod(lax.axis_size(a) for a in jax.typeof(x.u).mat.varying)
+    if shards > 1:  # its simulated GPU memory is not shared safely between devices run at once
+      reason = (f"Mosaic GPU's CPU interpreter cannot run the kernel on {shards} devices of a "
+                "shard_map at once; on the CPU use one device or another backend")
   return reason
+
+
+def _inside_shard_map(x: ScanInputs) -> bool:
+  return bool(jax.typeof(x.u).mat.varying)
 
 
 def resolve(backend, x: ScanInputs) -> Backend:
@@ -55,7 +63,11 @@ def resolve(backend, x: ScanInputs) -> Backend:
                        'backend="auto" or "associative"')
     return backend
   on_gpu = jax.default_backend() == "gpu"
-  return Backend.PALLAS if reason is None and on_gpu else Backend.ASSOCIATIVE
+  # Inside shard_map the kernel is typed and checked in Mosaic GPU's interpreter only (one device);
+  # "auto" keeps the associative scan there until a GPU run has checked it. "pallas" runs it.
+  if reason is None and on_gpu and not _inside_shard_map(x):
+    return Backend.PALLAS
+  return Backend.ASSOCIATIVE
 
 
 def resolve_step(backend) -> Backend:

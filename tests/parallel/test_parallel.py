@@ -381,7 +381,8 @@ def test_halo_passes_previous_shards_tail(worker):
                             r"'data'; got shape \(1, 36, 5\)"),
     ("axis_not_in_mesh", r"sequence_axis='time' is not an axis of the mesh"),
     ("same_axis", r"data_axis and sequence_axis must be different mesh axes"),
-    ("pallas_sequence_axis", r"the fused kernel does not run inside shard_map yet"),
+    ("pallas_sequence_axis", r"Mosaic GPU's CPU interpreter cannot run the kernel on 4 devices "
+                             r"of a shard_map at once"),
     ("halo_too_wide", r"x must hold at least width=4 steps per shard"),
     ("shard_batch_not_divisible", r"batch\['tokens'\]'s batch \(axis 0\) must be divisible by "
                                   r"the size 2"),
@@ -444,3 +445,47 @@ if __name__ == "__main__":
     _worker(sys.argv[2])
   else:
     sys.exit(f"usage: {sys.argv[0]} --worker DIR (run the tests with pytest)")
+
+
+def test_fused_kernel_inside_shard_map_on_one_device(seed):
+  """The Mosaic GPU kernel inside shard_map (Mosaic GPU's interpreter, a 1 x 1 mesh), with packed
+  documents and sequence segments in both directions: ``parallel.selective_scan`` equals the
+  kernel outside the map, and under a shard_map of the user's the gradients do too (a replicated
+  A's included; the sequence-parallel path rematerialises, which the interpreter's callbacks
+  cannot be differentiated through). Several CPU devices at once are refused
+  (test_multi_device_errors): the interpreter's simulated memory is not shared between them."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  import ssmax
+  from oracle import random_inputs
+  from ssmax import parallel
+  from ssmax.pallas import selective_scan_mosaic as mosaic
+
+  kw = random_inputs(seed, b=2, l=70, d=5, n=3)
+  seg = np.zeros((2, 70), np.int32)
+  seg[0, 33:] = 1
+  mesh = parallel.make_mesh(data=1, seq=1)
+  names = ("u", "delta", "A", "B")
+  args = [jnp.asarray(kw[k]) for k in names]
+  config = mosaic.Config(segments=2, bwd_segments=2)
+
+  def loss(*a):
+    y, last = ssmax.selective_scan(**dict(kw, **dict(zip(names, a))), return_last_state=True,
+                                   backend="pallas", segment_ids=seg)
+    return jnp.sum(y * y) + jnp.sum(last), (y, last)
+
+  spec = lambda x: P("data") if x.ndim == 3 else P()
+  mapped = jax.shard_map(lambda *a: jax.lax.psum(loss(*a)[0], "data"), mesh=mesh,
+                         in_specs=tuple(spec(a) for a in args), out_specs=P())
+  sharded_args = [jax.device_put(a, NamedSharding(mesh, spec(a))) for a in args]
+  with pytest.MonkeyPatch.context() as mp:  # sequence segments: their combine runs in the map too
+    mp.setattr(mosaic, "Config", lambda: config)
+    y1, l1 = parallel.selective_scan(mesh, **kw, return_last_state=True, backend="pallas",
+                                     segment_ids=seg)
+    g1 = jax.jit(jax.grad(mapped, argnums=(0, 1, 2, 3)))(*sharded_args)
+    g2, (y2, l2) = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(*args)
+  assert _rel(y1, y2) < 1e-6 and _rel(l1, l2) < 1e-6
+  for name, a, b in zip(names, g1, g2):
+    assert _rel(a, b) < 1e-6, name
