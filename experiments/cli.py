@@ -31,10 +31,13 @@ class Preset:
   eval_every: int
   eval_examples: int
   checkpoint_every: int
+  # Stop a model's training after this many consecutive validation evaluations at exactly 100%
+  # (0: train for ``steps``); see train.TrainConfig.stop_after_perfect_evals.
+  stop_after_perfect_evals: int = dataclasses.field(default=0, kw_only=True)
 
 # Flags whose value, when given, replaces the preset's field of the same name.
 PRESET_FIELDS = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every",
-                 "eval_examples")
+                 "eval_examples", "stop_after_perfect_evals")
 
 
 def define_flags(task: str, presets: Sequence[str], model_names: Sequence[str]) -> None:
@@ -51,6 +54,13 @@ def define_flags(task: str, presets: Sequence[str], model_names: Sequence[str]) 
   flags.DEFINE_integer("eval_every", None, "Steps between validation evaluations; default: the preset's.")
   flags.DEFINE_integer("eval_examples", None, "Size of the validation set at the training length; default: "
                        "the preset's.")
+  flags.DEFINE_integer("stop_after_perfect_evals", None, "Stop a model's training once this many "
+                       "consecutive validation evaluations are at exactly 100% (0: never); default: "
+                       "the preset's.")
+  flags.DEFINE_float("max_train_seconds", None, "Wall-clock budget of each model's training in this "
+                     "call: past it, training stops at the end of the current log window, "
+                     "checkpoints and moves on without testing that model (and starts no further "
+                     "model); rerun with --resume to continue. Default: no limit.")
   flags.DEFINE_string("scan_backend", None, "Selective scan backend (auto, sequential, associative, "
                       "pallas); default: the preset's.")
   flags.DEFINE_bool("progress", True, "Show progress bars.")
@@ -69,20 +79,115 @@ def preset_changes(preset, model_names: Sequence[str], extra_fields: Sequence[st
     changes["shape"] = dataclasses.replace(preset.shape, scan_backend=FLAGS.scan_backend)
   if changes.get("checkpoint_every", 0) % preset.log_every:
     raise app.UsageError(f"--checkpoint_every must be a multiple of {preset.log_every}")
+  if changes.get("stop_after_perfect_evals", 0) < 0:
+    raise app.UsageError("--stop_after_perfect_evals must be >= 0")
+  if FLAGS.max_train_seconds is not None and not FLAGS.max_train_seconds > 0:
+    raise app.UsageError(f"--max_train_seconds must be > 0; got {FLAGS.max_train_seconds}")
   return changes
 
 
+def train_config(preset: Preset, *, seed: int, resume: bool, progress: bool,
+                 max_seconds: float | None = None) -> train.TrainConfig:
+  """The :class:`~experiments.train.TrainConfig` of each model of ``preset``."""
+  return train.TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
+                           learning_rate=preset.learning_rate, seed=seed,
+                           log_every=preset.log_every, eval_every=preset.eval_every,
+                           eval_examples=preset.eval_examples,
+                           checkpoint_every=preset.checkpoint_every, resume=resume,
+                           progress=progress,
+                           stop_after_perfect_evals=preset.stop_after_perfect_evals,
+                           max_seconds=max_seconds)
+
+
 def train_model(preset: Preset, name: str, out_dir: Path, *, seed: int, resume: bool,
-                progress: bool) -> train.TrainResult:
+                progress: bool, max_seconds: float | None = None) -> train.TrainResult:
   """Trains model ``name`` of ``preset`` on its task, into ``out_dir/name``."""
-  config = train.TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
-                             learning_rate=preset.learning_rate, seed=seed,
-                             log_every=preset.log_every, eval_every=preset.eval_every,
-                             eval_examples=preset.eval_examples,
-                             checkpoint_every=preset.checkpoint_every, resume=resume,
-                             progress=progress)
+  config = train_config(preset, seed=seed, resume=resume, progress=progress,
+                        max_seconds=max_seconds)
   return train.train(lambda rngs: models.make_model(name, preset.shape, rngs), preset.task, config,
                      out_dir / name, name=name)
+
+
+def describe_stop(name: str, res: train.TrainResult, preset: Preset) -> str:
+  """One line: where model ``name`` stopped and why, and when it learned."""
+  learned = ("never reached 100% validation accuracy at the last evaluation"
+             if res.learned_at_step is None else
+             f"100% validation accuracy from step {res.learned_at_step} on")
+  why = {"steps": f"ran all {preset.steps} steps",
+         "perfect_evals": f"stopped early after {preset.stop_after_perfect_evals} perfect "
+                          "evaluations in a row",
+         "time_limit": "stopped by --max_train_seconds (checkpointed; rerun with --resume to "
+                       "continue)"}[res.stop_reason]
+  return f"{name}: at step {res.stopped_at_step} of {preset.steps}, {why}; {learned}."
+
+
+# ------------------------------------------------------------------------------------------------
+# per-model results, merged across calls
+
+RESULT_FILE = "result.json"
+
+
+def comparable_settings(preset: Preset, seed: int, **extra) -> dict:
+  """What the models of one results table must share: the task, the model shape (the scan backend
+  aside), the seed, the batch size and the learning rate, and ``extra`` (how they are tested).
+  Steps may differ between models (the table gives each model's)."""
+  shape = dataclasses.asdict(preset.shape)
+  shape.pop("scan_backend")
+  return {"task": {"name": type(preset.task).__name__, **dataclasses.asdict(preset.task)},
+          "shape": shape, "seed": seed, "batch_size": preset.batch_size,
+          "learning_rate": preset.learning_rate, **extra}
+
+
+def run_settings(preset: Preset, comparable: dict) -> dict:
+  """``comparable`` plus the schedule: a model's saved result is current for a call with the
+  same run settings (that call, with --resume, reuses it instead of redoing the tests)."""
+  return {**comparable, "steps": preset.steps, "eval_every": preset.eval_every,
+          "eval_examples": preset.eval_examples,
+          "stop_after_perfect_evals": preset.stop_after_perfect_evals}
+
+
+def save_model_result(out_dir: Path, name: str, settings: dict, result: dict) -> None:
+  """``out_dir/name/result.json``: one model's row of the table, with the run settings."""
+  path = out_dir / name / RESULT_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps({"settings": settings, "result": result}, indent=2))
+  tmp.replace(path)  # never half a file, even if the call is killed here
+
+
+def load_model_result(out_dir: Path, name: str) -> dict | None:
+  """The saved ``{"settings", "result"}`` of model ``name`` in ``out_dir``, or None."""
+  path = out_dir / name / RESULT_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def merged_results(out_dir: Path, model_names: Sequence[str], comparable: dict) -> dict:
+  """Every model's saved result in ``out_dir`` (in ``model_names`` order) whose settings agree
+  with ``comparable``; results saved with other settings are left out, with a note printed."""
+  results = {}
+  for name in model_names:
+    saved = load_model_result(out_dir, name)
+    if saved is None:
+      continue
+    theirs = {k: saved["settings"].get(k) for k in comparable}
+    if theirs != comparable:
+      differ = sorted(k for k in comparable if theirs[k] != comparable[k])
+      print(f"note: {out_dir / name / RESULT_FILE} left out of the table: it was made with other "
+            f"settings ({', '.join(differ)})")
+      continue
+    results[name] = saved["result"]
+  return results
+
+
+def histories(out_dir: Path, results: dict) -> dict[str, list[dict[str, Any]]]:
+  """Each result's metrics records (``out_dir/<model>/metrics.jsonl``), by label."""
+  return {r["label"]: train.read_records(out_dir / name / "metrics.jsonl")
+          for name, r in results.items()}
+
+
+def training_seconds(records: list[dict[str, Any]]) -> float:
+  """Training time over every call of a run (the last ``"train"`` record's ``time_s``)."""
+  return max((r["time_s"] for r in records if r["kind"] == "train"), default=0.0)
 
 
 def write_results(out_dir: Path, preset: Preset, seed: int, results: dict, started: float,
@@ -92,6 +197,8 @@ def write_results(out_dir: Path, preset: Preset, seed: int, results: dict, start
   (out_dir / "results.json").write_text(json.dumps(
       {"task": dataclasses.asdict(preset.task), "shape": dataclasses.asdict(preset.shape),
        "seed": seed, "batch_size": preset.batch_size, "learning_rate": preset.learning_rate,
+       "eval_every": preset.eval_every,
+       "stop_after_perfect_evals": preset.stop_after_perfect_evals,
        "models": results, "wall_seconds": round(time.perf_counter() - started, 1)}, indent=2))
 
 
@@ -104,4 +211,5 @@ def main(task: str, run: Callable[..., dict], preset: Preset) -> None:
   """Runs ``run(preset, out_dir, ...)`` with the common flags; the default out_dir is
   ``runs/<task>_<preset>``."""
   out_dir = FLAGS.out_dir or f"runs/{task}_{FLAGS.preset}"
-  run(preset, out_dir, seed=FLAGS.seed, resume=FLAGS.resume, progress=FLAGS.progress)
+  run(preset, out_dir, seed=FLAGS.seed, resume=FLAGS.resume, progress=FLAGS.progress,
+      max_train_seconds=FLAGS.max_train_seconds)

@@ -5,8 +5,11 @@ r"""Selective Copying (Mamba paper, section 4.1.1, Table 1): LTI (S4) against se
 
 Trains each model of ``--models`` with the same data stream, prints a Markdown table, and writes
 into ``--out_dir``: ``results.md``, ``results.json``, ``accuracy_vs_step.png`` and, per model,
-``<model>/metrics.jsonl`` and ``<model>/checkpoints/`` (with ``--checkpoint_every``; ``--resume``
-continues from the latest checkpoint of each model).
+``<model>/metrics.jsonl``, ``<model>/result.json`` and ``<model>/checkpoints/`` (with
+``--checkpoint_every``; ``--resume`` continues from the latest checkpoint of each model). The table
+holds every model saved in ``--out_dir`` with the same settings, so models can be trained in
+separate calls; ``--max_train_seconds`` and ``--stop_after_perfect_evals`` work as in
+:mod:`experiments.induction_heads`.
 """
 
 from __future__ import annotations
@@ -45,30 +48,60 @@ PRESETS = {
 
 
 def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = False,
-        progress: bool = True) -> dict:
-  """Trains every model of ``preset``; writes the table, JSON and plot; returns the results."""
+        progress: bool = True, max_train_seconds: float | None = None) -> dict:
+  """Trains every model of ``preset``, saving each model's result; writes the table, JSON and plot
+  of every result saved in ``out_dir`` with the same settings; returns those.
+
+  As in :mod:`experiments.induction_heads`: ``<out_dir>/<model>/result.json`` per model, the table
+  merged from every saved row with the same task, shape, seed, batch size and learning rate; a
+  model stopped by ``max_train_seconds`` is left without a row (and no further model starts) until
+  a call with ``resume`` finishes it; with ``resume``, a row saved with this call's settings is
+  reused.
+  """
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
-  results, histories = {}, {}
-  for name in preset.models:
-    res = cli.train_model(preset, name, out_dir, seed=seed, resume=resume, progress=progress)
-    histories[models.LABELS[name]] = res.records
-    results[name] = {"label": models.LABELS[name], "accuracy": res.final_accuracy, "loss": res.final_loss,
-                     "params": models.count_params(res.model), "steps": preset.steps,
-                     "train_seconds": round(res.train_seconds, 1),
-                     "paper_accuracy": PAPER_ACCURACY.get(name)}
+  comparable = cli.comparable_settings(preset, seed)
+  current = cli.run_settings(preset, comparable)
+  for i, name in enumerate(preset.models):
+    saved = cli.load_model_result(out_dir, name)
+    if resume and saved is not None and saved["settings"] == current:
+      print(f"{name}: already trained with these settings ({out_dir / name / cli.RESULT_FILE}); "
+            "reusing its result")
+      continue
+    res = cli.train_model(preset, name, out_dir, seed=seed, resume=resume, progress=progress,
+                          max_seconds=max_train_seconds)
+    print(cli.describe_stop(name, res, preset))
+    if not res.complete:
+      left = list(preset.models[i + 1:])
+      print(f"{name} has no result yet" + (f"; not started: {left}" if left else "")
+            + ". Rerun with --resume to continue.")
+      break
+    cli.save_model_result(out_dir, name, current, {
+        "label": models.LABELS[name], "accuracy": res.final_accuracy, "loss": res.final_loss,
+        "params": models.count_params(res.model), "steps": preset.steps,
+        "stopped_at_step": res.stopped_at_step, "learned_at_step": res.learned_at_step,
+        "stop_reason": res.stop_reason,
+        "train_seconds": round(cli.training_seconds(res.records), 1),
+        "paper_accuracy": PAPER_ACCURACY.get(name)})
+  results = cli.merged_results(out_dir, tuple(models.SSM_MODELS), comparable)
+  if not results:
+    print(f"no model of {out_dir} is trained yet; nothing to tabulate")
+    return results
   task = preset.task
-  rows = [[r["label"], f"{r['params']:,}", r["steps"], r["train_seconds"], f"{100 * r['accuracy']:.1f}",
-           r["paper_accuracy"]] for r in results.values()]
+  rows = [[r["label"], f"{r['params']:,}", r["stopped_at_step"], r["learned_at_step"],
+           r["train_seconds"], f"{100 * r['accuracy']:.1f}", r["paper_accuracy"]]
+          for r in results.values()]
   table = plotting.markdown_table(
-      ["Model", "Params", "Steps", "Train time (s)", "Accuracy (%)", "Paper, length 4096 (%)"], rows)
+      ["Model", "Params", "Steps", "Learned at", "Train time (s)", "Accuracy (%)",
+       "Paper, length 4096 (%)"], rows)
   header = (f"Selective Copying: length {task.length}, {task.num_tokens} data tokens, vocabulary "
             f"{task.vocab_size}; {preset.shape.n_layer} layers, d_model {preset.shape.d_model}, batch "
             f"{preset.batch_size}, Adam lr {preset.learning_rate}, seed {seed}, {cli.devices()}. "
-            f"Chance: {100 * task.chance_accuracy:.1f}%.")
+            f"Steps: where training stopped; Learned at: the first step of the last run of 100% "
+            f"validation evaluations. Chance: {100 * task.chance_accuracy:.1f}%.")
   cli.write_results(out_dir, preset, seed, results, t_start, f"{header}\n\n{table}")
-  plotting.plot_accuracy_vs_step(histories, out_dir / "accuracy_vs_step.png",
+  plotting.plot_accuracy_vs_step(cli.histories(out_dir, results), out_dir / "accuracy_vs_step.png",
                                  title=f"Selective Copying (length {task.length})",
                                  chance=task.chance_accuracy)
   print(f"\n{header}\n\n{table}\n\nwrote {out_dir}/results.md, results.json, accuracy_vs_step.png")
@@ -76,7 +109,12 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
 
 
 FLAGS = flags.FLAGS
-cli.define_flags("selective_copying", PRESETS, models.SSM_MODELS)
+
+
+def define_flags() -> None:
+  """The command line's flags; defined when run as a program (not on import, so that both task
+  modules can be imported in one process)."""
+  cli.define_flags("selective_copying", PRESETS, models.SSM_MODELS)
 
 
 def preset_from_flags() -> Preset:
@@ -91,4 +129,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

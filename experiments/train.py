@@ -63,6 +63,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -88,6 +89,13 @@ class TrainConfig:
     resume: continue the run in the run directory from its latest good checkpoint (see
       "Resume semantics" in the module docstring).
     progress: show the tqdm bar.
+    stop_after_perfect_evals: ``K > 0`` stops training once ``K`` consecutive ``"eval"`` records
+      have accuracy exactly 1.0 (0: never stop early). Needs ``eval_every`` a positive multiple of
+      ``log_every``, so that the stop falls on a logged (and checkpointable) step.
+    max_seconds: wall-clock budget of one :func:`train` call, counted from its start (restoring
+      and compiling included); when it is spent, training stops at the end of the current
+      ``log_every`` window, writes a checkpoint there and returns with ``complete=False``, so that
+      ``resume`` continues it. ``None``: no limit.
   """
 
   steps: int
@@ -100,11 +108,13 @@ class TrainConfig:
   checkpoint_every: int = 0
   resume: bool = False
   progress: bool = True
+  stop_after_perfect_evals: int = 0
+  max_seconds: float | None = None
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "log_every", "eval_examples"):
       _checks.positive_int(name, getattr(self, name))
-    for name in ("eval_every", "checkpoint_every"):
+    for name in ("eval_every", "checkpoint_every", "stop_after_perfect_evals"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
@@ -113,17 +123,57 @@ class TrainConfig:
                        f"resumed run logs the same windows; got {self.checkpoint_every}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate must be > 0; got {self.learning_rate!r}")
+    if self.stop_after_perfect_evals and (not self.eval_every or self.eval_every % self.log_every):
+      raise ValueError(f"stop_after_perfect_evals needs eval_every to be a positive multiple of "
+                       f"log_every={self.log_every}, so that training stops on a logged step; got "
+                       f"eval_every={self.eval_every}")
+    if self.max_seconds is not None and not (isinstance(self.max_seconds, (int, float))
+                                             and not isinstance(self.max_seconds, bool)
+                                             and 0 < self.max_seconds < math.inf):
+      raise ValueError(f"max_seconds must be a positive number or None; got {self.max_seconds!r}")
 
 
 @dataclasses.dataclass
 class TrainResult:
-  """What :func:`train` returns: the trained model, every metrics record, the final eval."""
+  """What :func:`train` returns: the trained model, every metrics record, the final eval.
+
+  ``stop_reason`` is ``"steps"`` (ran to ``config.steps``), ``"perfect_evals"`` (stopped by
+  ``stop_after_perfect_evals``) or ``"time_limit"`` (``max_seconds`` spent: ``complete`` is False,
+  the run continues with ``resume``, and ``final_accuracy``/``final_loss`` are those of the last
+  ``"eval"`` record, NaN if none). ``stopped_at_step``: the step the model is at.
+  ``learned_at_step``: see :func:`learned_at_step`.
+  """
 
   model: nnx.Module
   records: list[dict[str, Any]]
   final_accuracy: float
   final_loss: float
   train_seconds: float
+  stop_reason: str = "steps"
+  stopped_at_step: int = 0
+  learned_at_step: int | None = None
+
+  @property
+  def complete(self) -> bool:
+    return self.stop_reason != "time_limit"
+
+
+def perfect_streak(records: list[dict[str, Any]]) -> tuple[int, int | None]:
+  """``(count, first_step)`` of the trailing run of ``"eval"`` records with accuracy exactly 1.0
+  (by step order); ``(0, None)`` when the last eval is not perfect or there is none."""
+  evals = sorted((r for r in records if r["kind"] == "eval"), key=lambda r: r["step"])
+  count, first = 0, None
+  for r in reversed(evals):
+    if r["accuracy"] != 1.0:
+      break
+    count, first = count + 1, r["step"]
+  return count, first
+
+
+def learned_at_step(records: list[dict[str, Any]]) -> int | None:
+  """The first step of the final run of perfect evaluations (validation accuracy exactly 1.0 at
+  every evaluation from there to the last one); None if the last evaluation is not perfect."""
+  return perfect_streak(records)[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,9 +193,8 @@ def masked_loss_and_accuracy(logits: jax.Array, batch: Batch) -> tuple[jax.Array
   return (ce * batch.mask).sum() / count, (correct * batch.mask).sum() / count
 
 
-@nnx.jit
-def _chunk_counts(model, inputs, targets, mask, state):
-  """Loss sum, correct count, mask count and finiteness over one chunk; carries ``state``."""
+def _counts(model, inputs, targets, mask, state):
+  """``[loss sum, correct count, mask count]`` (float32), finiteness and the carried state."""
   if state is None:
     logits = model(inputs)
   else:
@@ -154,7 +203,34 @@ def _chunk_counts(model, inputs, targets, mask, state):
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   finite = jnp.all(jnp.isfinite(logits))
-  return (ce * mask).sum(), (correct * mask).sum(), mask.sum(), finite, state
+  return jnp.stack([(ce * mask).sum(), (correct * mask).sum(), mask.sum()]), finite, state
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _chunk_counts(graphdef, params, inputs, targets, mask, state):
+  """:func:`_counts` over one chunk of a batch, carrying ``state`` (the recurrent state or KV
+  cache). Compiled once per ``(batch, chunk)`` shape (and cache shape)."""
+  return _counts(nnx.merge(graphdef, params), inputs, targets, mask, state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "task", "batch_size"))
+def _whole_counts(graphdef, params, key, batches, *, task, batch_size):
+  """:func:`_counts` summed over ``batches`` batches of ``task`` drawn from ``fold_in(key, i)``,
+  each read whole, in one call (a loop on the device; ``batches`` is not static)."""
+  model = nnx.merge(graphdef, params)
+
+  def body(i, carry):
+    totals, finite = carry
+    batch = task.sample(jax.random.fold_in(key, i), batch_size)
+    counts, ok, _ = _counts(model, batch.inputs, batch.targets, batch.mask, None)
+    return totals + counts, finite & ok
+
+  return lax.fori_loop(0, batches, body, (jnp.zeros(3, jnp.float32), jnp.array(True)))
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _slice_chunk(batch, start, *, size):
+  return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, size, axis=1), batch)
 
 
 def evaluate(model: nnx.Module, task, key: jax.Array, examples: int, batch_size: int,
@@ -168,9 +244,15 @@ def evaluate(model: nnx.Module, task, key: jax.Array, examples: int, batch_size:
     key: seeds the validation set (the same key gives the same set).
     examples: number of sequences; rounded up to whole batches.
     batch_size: sequences per forward pass.
-    chunk: when set and shorter than the task, each sequence is read ``chunk`` tokens at a time,
-      carrying the model's recurrent state or KV cache (:func:`experiments.models.init_state`),
-      so activations never exceed ``(batch_size, chunk, ...)``.
+    chunk: when set (at most the task's length, and dividing it), each sequence is read
+      ``chunk`` tokens at a time, from a fresh state, carrying the model's recurrent state or KV
+      cache (:func:`experiments.models.init_state`),
+      so activations never exceed ``(batch_size, chunk, ...)``, and the model is compiled for
+      ``(batch_size, chunk)`` whatever the length (for a Mamba model; a Transformer's cache is
+      sized by the length).
+
+  The counts stay on the device until the end (one host sync per call). Without ``chunk``, every
+  batch is drawn and read inside one compiled loop.
 
   Returns:
     ``(accuracy, loss)`` over the masked positions, as Python floats.
@@ -182,27 +264,31 @@ def evaluate(model: nnx.Module, task, key: jax.Array, examples: int, batch_size:
   _checks.positive_int("batch_size", batch_size)
   task = getattr(task, "unpacked", task)
   length = task.length
-  chunked = chunk is not None and _checks.positive_int("chunk", chunk) < length
+  chunked = chunk is not None and _checks.positive_int("chunk", chunk) <= length
   if chunked and length % chunk:
     raise ValueError(f"chunk must divide the task length {length}; got {chunk}")
-  sample = sampler(task, batch_size)
-  totals = np.zeros(3)
-  for i in range(math.ceil(examples / batch_size)):
-    batch = sample(jax.random.fold_in(key, i))
-    if not chunked:
-      parts = [_chunk_counts(model, *batch, None)]
-    else:
-      state = models.init_state(model, batch_size, length)
-      parts = []
+  graphdef, params = nnx.split(model)
+  batches = math.ceil(examples / batch_size)
+  if not chunked:
+    totals, finite = _whole_counts(graphdef, params, key, batches, task=task,
+                                   batch_size=batch_size)
+    parts = [(totals, finite)]
+  else:
+    sample = sampler(task, batch_size)
+    placement = jax.tree.leaves(params)[0].sharding
+    parts = []
+    for i in range(batches):
+      batch = sample(jax.random.fold_in(key, i))
+      # On the parameters' devices, as the state the compiled chunk returns (one compilation).
+      state = jax.device_put(models.init_state(model, batch_size, length), placement)
       for start in range(0, length, chunk):
-        sl = slice(start, start + chunk)
-        *counts, state = _chunk_counts(model, batch.inputs[:, sl], batch.targets[:, sl],
-                                       batch.mask[:, sl], state)
-        parts.append(counts)
-    for loss_sum, correct, count, finite, *_ in parts:
-      if not bool(finite):
-        raise FloatingPointError(f"non-finite logits while evaluating at length {length}")
-      totals += (float(loss_sum), float(correct), float(count))
+        counts, finite, state = _chunk_counts(graphdef, params,
+                                              *_slice_chunk(batch, start, size=chunk), state)
+        parts.append((counts, finite))
+  parts = jax.device_get(parts)
+  if not all(bool(finite) for _, finite in parts):
+    raise FloatingPointError(f"non-finite logits while evaluating at length {length}")
+  totals = np.sum([np.asarray(counts, np.float64) for counts, _ in parts], axis=0)
   count = max(totals[2], 1.0)
   return float(totals[1] / count), float(totals[0] / count)
 
@@ -222,8 +308,8 @@ def model_kwargs(batch) -> dict:
   return {"segment_ids": batch.segment_ids} if isinstance(batch, PackedBatch) else {}
 
 
-@functools.partial(nnx.jit, donate_argnums=(0, 1))
 def _train_step(model, optimizer, batch):
+  """One Adam step on ``batch``, in place on ``model`` and ``optimizer``; (loss, accuracy)."""
   def loss_fn(model):
     return masked_loss_and_accuracy(model(batch.inputs, **model_kwargs(batch)), batch)
 
@@ -232,13 +318,40 @@ def _train_step(model, optimizer, batch):
   return loss, accuracy
 
 
+@functools.partial(jax.jit, donate_argnums=(0,),
+                   static_argnames=("graphdef", "task", "batch_size", "batch_sharding",
+                                    "state_sharding"))
+def _train_steps(state, data_key, start, stop, *, graphdef, task, batch_size, batch_sharding,
+                 state_sharding):
+  """Steps ``start .. stop - 1`` in one call: a loop on the device that draws each step's batch
+  from ``fold_in(data_key, step)`` and takes one :func:`_train_step`. ``state`` is
+  ``nnx.state((model, optimizer))`` (donated); returns it updated with the sums of the steps'
+  losses and accuracies. ``start`` and ``stop`` are not static: one compilation serves every
+  chunk of steps, and each step runs the same compiled body whatever the chunking."""
+
+  def body(step, carry):
+    state, loss_sum, acc_sum = carry
+    model, optimizer = nnx.merge(graphdef, state)
+    batch = task.sample(jax.random.fold_in(data_key, step), batch_size)
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    loss, accuracy = _train_step(model, optimizer, batch)
+    state = jax.lax.with_sharding_constraint(nnx.state((model, optimizer)), state_sharding)
+    return state, loss_sum + loss, acc_sum + accuracy
+
+  zero = jnp.zeros((), jnp.float32)
+  return lax.fori_loop(start, stop, body, (state, zero, zero))
+
+
 @functools.lru_cache(maxsize=None)
 def sampler(task, batch_size: int, sharding: NamedSharding | None = None):
   """``key -> task.sample(key, batch_size)``, jitted once per task, batch size and output sharding."""
   return jax.jit(lambda key: task.sample(key, batch_size), out_shardings=sharding)
 
 
-def _read_records(path: Path, up_to_step: float = math.inf) -> list[dict[str, Any]]:
+def read_records(path: str | os.PathLike, up_to_step: float = math.inf) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl`` up to ``up_to_step`` ([] if there is no file); a last
+  line cut short by a kill is ignored."""
+  path = Path(path)
   if not path.exists():
     return []
   records = []
@@ -285,7 +398,7 @@ def _resume(manager, run_dir: Path, config: TrainConfig, model, optimizer, data_
                   f"{[p.name for p in interrupted]}", RuntimeWarning, stacklevel=3)
   steps = sorted(manager.all_steps()) if manager is not None else []
   if not steps:
-    recorded = _read_records(run_dir / "metrics.jsonl")
+    recorded = read_records(run_dir / "metrics.jsonl")
     if recorded:
       why = (f"only interrupted saves {[p.name for p in interrupted]}" if interrupted else
              "no checkpoints (it ran with checkpoint_every=0)")
@@ -319,6 +432,11 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
           on_step: Callable[[int], None] | None = None) -> TrainResult:
   """Trains ``make_model(nnx.Rngs(seed))`` on ``task`` and returns the model and its metrics.
 
+  The steps run in chunks, each one compiled call (:func:`_train_steps`: batches drawn and steps
+  taken on the device, no host round trip per step); a chunk ends at every multiple of
+  ``log_every`` and ``eval_every`` and at ``steps``, where the loop logs, evaluates, checkpoints
+  and checks ``stop_after_perfect_evals`` and ``max_seconds``.
+
   Args:
     make_model: builds the model from an ``nnx.Rngs``; the model maps ``(batch, length)`` int32
       tokens to ``(batch, length, vocab)`` logits.
@@ -326,12 +444,14 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
     config: the :class:`TrainConfig`.
     run_dir: directory for ``metrics.jsonl`` and ``checkpoints/``.
     name: label of the progress bar.
-    on_step: called with the number of completed steps after each step (after that step's
-      logging and checkpointing); an exception raised there stops the run like a crash.
+    on_step: called with the number of completed steps after each chunk of steps (after that
+      chunk's logging, evaluation and checkpointing); an exception raised there stops the run
+      like a crash.
 
   Returns:
     :class:`TrainResult`.
   """
+  t_call = time.perf_counter()
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   mesh = data_mesh()
@@ -351,7 +471,8 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
   ckpt_dir = (run_dir / "checkpoints").absolute()
   metrics_path = run_dir / "metrics.jsonl"
   manager = None
-  if config.checkpoint_every or (config.resume and ckpt_dir.is_dir()):
+  if (config.checkpoint_every or config.max_seconds is not None
+      or (config.resume and ckpt_dir.is_dir())):
     manager = ocp.CheckpointManager(
         ckpt_dir,
         options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
@@ -366,15 +487,18 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
   else:
     start, data_key = _resume(manager, run_dir, config, model, optimizer, data_key, replicated)
 
-  records = _read_records(metrics_path, start) if start else []
+  records = read_records(metrics_path, start) if start else []
   # The final evaluation is always redone, so a finished run resumed keeps one copy of it.
   records = [r for r in records if not (r["kind"] == "eval" and r["step"] == config.steps)]
   time_offset = max((r["time_s"] for r in records if r["kind"] == "train"), default=0.0)
   metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-  sample = sampler(task, config.batch_size, sharded)
-  step_fn = nnx.cached_partial(_train_step, model, optimizer)
+  graphdef, _ = nnx.split((model, optimizer))
+  run_steps = functools.partial(_train_steps, graphdef=graphdef, task=task,
+                                batch_size=config.batch_size, batch_sharding=sharded,
+                                state_sharding=replicated)
   eval_batch = min(config.batch_size, config.eval_examples)
+  patience = config.stop_after_perfect_evals
 
   def log(record):
     records.append(record)
@@ -386,16 +510,34 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
     log({"kind": "eval", "step": step, "loss": loss, "accuracy": accuracy})
     return accuracy, loss
 
+  saved = set(manager.all_steps()) if manager is not None else set()
+
+  def save(step):
+    if step not in saved:
+      state = _checkpoint_state(model, optimizer, data_key)
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+      saved.add(step)
+
+  def next_multiple(step, every):
+    return (step // every + 1) * every
+
+  # A run resumed after it stopped early (its checkpoint is the stopping step, and the records up
+  # to it end with the perfect evaluations) stops again before any step.
+  stop_reason = "perfect_evals" if patience and perfect_streak(records)[0] >= patience else None
   bar = tqdm(total=config.steps, initial=start, desc=name or "train", disable=not config.progress,
              dynamic_ncols=True, leave=True)
   t0 = time.perf_counter()
-  window_loss = window_acc = 0.0
-  for step in range(start, config.steps):
-    batch = sample(jax.random.fold_in(data_key, step))
-    loss, accuracy = step_fn(batch)
-    window_loss, window_acc = window_loss + loss, window_acc + accuracy
-    done = step + 1
-    bar.update(1)
+  window_loss = window_acc = jnp.zeros((), jnp.float32)
+  done = start
+  while done < config.steps and stop_reason is None:
+    end = min(next_multiple(done, config.log_every), config.steps)
+    if config.eval_every:
+      end = min(end, next_multiple(done, config.eval_every))
+    state, loss_sum, acc_sum = run_steps(nnx.state((model, optimizer)), data_key, done, end)
+    nnx.update((model, optimizer), state)
+    window_loss, window_acc = window_loss + loss_sum, window_acc + acc_sum
+    bar.update(end - done)
+    done = end
     if done % config.log_every == 0 or done == config.steps:
       n = config.log_every if done % config.log_every == 0 else done % config.log_every
       record = {"kind": "train", "step": done, "loss": float(window_loss) / n,
@@ -404,18 +546,30 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
         raise FloatingPointError(f"training loss became {record['loss']} at step {done}")
       log(record)
       bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
-      window_loss = window_acc = 0.0
+      window_loss = window_acc = jnp.zeros((), jnp.float32)
     if config.eval_every and done % config.eval_every == 0 and done != config.steps:
       run_eval(done)
+      if patience and perfect_streak(records)[0] >= patience:
+        stop_reason = "perfect_evals"
     if config.checkpoint_every and done % config.checkpoint_every == 0:
-      state = _checkpoint_state(model, optimizer, data_key)
-      manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+      save(done)
+    if (stop_reason is None and config.max_seconds is not None and done < config.steps
+        and done % config.log_every == 0 and time.perf_counter() - t_call >= config.max_seconds):
+      stop_reason = "time_limit"
+    if stop_reason is not None and manager is not None:
+      save(done)  # the step a resumed run continues (or stops again) from
     if on_step is not None:
       on_step(done)
   bar.close()
   seconds = time.perf_counter() - t0
-  accuracy, loss = run_eval(config.steps)
+  if stop_reason is None:
+    stop_reason = "steps"
+    accuracy, loss = run_eval(config.steps)
+  else:
+    last = max((r for r in records if r["kind"] == "eval"), key=lambda r: r["step"], default=None)
+    accuracy, loss = (last["accuracy"], last["loss"]) if last else (math.nan, math.nan)
   if manager is not None:
     manager.wait_until_finished()
     manager.close()
-  return TrainResult(model, records, accuracy, loss, seconds)
+  return TrainResult(model, records, accuracy, loss, seconds, stop_reason=stop_reason,
+                     stopped_at_step=done, learned_at_step=learned_at_step(records))
