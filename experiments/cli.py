@@ -34,10 +34,13 @@ class Preset:
   # Stop a model's training after this many consecutive validation evaluations at exactly 100%
   # (0: train for ``steps``); see train.TrainConfig.stop_after_perfect_evals.
   stop_after_perfect_evals: int = dataclasses.field(default=0, kw_only=True)
+  # Training steps per compiled call (a loop on the device when > 1); divides log_every and
+  # eval_every. See train.TrainConfig.steps_per_call.
+  steps_per_call: int = dataclasses.field(default=1, kw_only=True)
 
 # Flags whose value, when given, replaces the preset's field of the same name.
 PRESET_FIELDS = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every",
-                 "eval_examples", "stop_after_perfect_evals")
+                 "eval_examples", "stop_after_perfect_evals", "steps_per_call")
 
 
 def define_flags(task: str, presets: Sequence[str], model_names: Sequence[str]) -> None:
@@ -57,6 +60,9 @@ def define_flags(task: str, presets: Sequence[str], model_names: Sequence[str]) 
   flags.DEFINE_integer("stop_after_perfect_evals", None, "Stop a model's training once this many "
                        "consecutive validation evaluations are at exactly 100% (0: never); default: "
                        "the preset's.")
+  flags.DEFINE_integer("steps_per_call", None, "Training steps per compiled call, a loop on the "
+                       "device when > 1 (fewer host dispatches; on the CPU it was slower); must "
+                       "divide the log and eval intervals. Default: the preset's (1).")
   flags.DEFINE_float("max_train_seconds", None, "Wall-clock budget of each model's training in this "
                      "call: past it, training stops at the end of the current log window, "
                      "checkpoints and moves on without testing that model (and starts no further "
@@ -79,6 +85,11 @@ def preset_changes(preset, model_names: Sequence[str], extra_fields: Sequence[st
     changes["shape"] = dataclasses.replace(preset.shape, scan_backend=FLAGS.scan_backend)
   if changes.get("checkpoint_every", 0) % preset.log_every:
     raise app.UsageError(f"--checkpoint_every must be a multiple of {preset.log_every}")
+  if "steps_per_call" in changes:
+    every = (preset.log_every, changes.get("eval_every", preset.eval_every))
+    if changes["steps_per_call"] < 1 or any(e % changes["steps_per_call"] for e in every):
+      raise app.UsageError(f"--steps_per_call must be >= 1 and divide log_every={every[0]} and "
+                           f"eval_every={every[1]}")
   if changes.get("stop_after_perfect_evals", 0) < 0:
     raise app.UsageError("--stop_after_perfect_evals must be >= 0")
   if FLAGS.max_train_seconds is not None and not FLAGS.max_train_seconds > 0:
@@ -96,7 +107,7 @@ def train_config(preset: Preset, *, seed: int, resume: bool, progress: bool,
                            checkpoint_every=preset.checkpoint_every, resume=resume,
                            progress=progress,
                            stop_after_perfect_evals=preset.stop_after_perfect_evals,
-                           max_seconds=max_seconds)
+                           steps_per_call=preset.steps_per_call, max_seconds=max_seconds)
 
 
 def train_model(preset: Preset, name: str, out_dir: Path, *, seed: int, resume: bool,

@@ -137,26 +137,33 @@ def test_time_limit_checkpoints_and_resume_continues_bit_identically(tmp_path):
   assert done.final_accuracy == full.final_accuracy
 
 
-def test_steps_run_in_chunks_as_one_compiled_loop(tmp_path):
-  """Chunks of 1 or 4 steps give the same parameters (the same compiled step, whatever the
-  chunking), and they equal steps taken one by one on task.sample(fold_in(data_key, step))."""
-  base = train.TrainConfig(steps=4, batch_size=4, learning_rate=5e-3, log_every=1, progress=False,
+def test_steps_on_the_device_one_compilation_and_the_same_data_stream(tmp_path):
+  """One compilation serves a run; a loop of 4 steps per call trains as single steps do; both
+  equal steps taken one by one on task.sample(fold_in(data_key, step))."""
+  base = train.TrainConfig(steps=8, batch_size=4, learning_rate=5e-3, log_every=4, progress=False,
                            eval_examples=4)
   before = train._train_steps._cache_size()
   ones = train.train(_make, TASK, base, tmp_path / "ones")
-  assert train._train_steps._cache_size() - before == 1  # four chunks, one compilation
-  fours = train.train(_make, TASK, dataclasses.replace(base, log_every=4), tmp_path / "fours")
-  _assert_same_params(ones.model, fours.model)
-  # By hand: one step at a time, outside the device loop.
+  assert train._train_steps._cache_size() - before == 1  # eight calls, one compilation
+  fours = train.train(_make, TASK, dataclasses.replace(base, steps_per_call=4), tmp_path / "fours")
+  a, b = _params(ones.model), _params(fours.model)
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  np.testing.assert_allclose([r["loss"] for r in fours.records], [r["loss"] for r in ones.records],
+                             rtol=1e-5)
+  # By hand: one step at a time, the batch drawn outside the step.
   model = _make(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, train.optax.adam(5e-3), wrt=nnx.Param)
   data_key = jax.random.fold_in(jax.random.key(0), 1)
   step = nnx.jit(train._train_step)
-  for i in range(4):
+  for i in range(8):
     step(model, optimizer, TASK.sample(jax.random.fold_in(data_key, i), 4))
-  mine, theirs = _params(model), _params(fours.model)
+  mine = _params(model)
   for k in mine:
-    np.testing.assert_allclose(theirs[k], mine[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(a[k], mine[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  with pytest.raises(ValueError, match="steps_per_call must divide log_every=4 and eval_every=0; "
+                     "got 3"):
+    dataclasses.replace(base, steps_per_call=3)
 
 
 # ------------------------------------------------------------------------------------------------
