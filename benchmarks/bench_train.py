@@ -18,6 +18,12 @@ as OOM.
 
   python -m benchmarks.bench_train                       # GPU: batch 8 and 16, every backend
   python -m benchmarks.bench_train --tiny                # CPU smoke run in seconds
+  python -m benchmarks.bench_train --packing=plain,packed --backends=pallas
+
+``--packing=packed`` trains on rows of packed documents: ``segment_ids`` of long-tailed lengths
+(``benchmarks.scan_inputs.packed_segment_ids``, mean ~256 tokens, or a quarter of a shorter
+row) go to the model, so the scan and
+the depthwise convolution restart at each document; tokens/s is then comparable with ``plain``.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from flax import nnx
 
 from benchmarks import harness
 from benchmarks.lm_sizes import SIZES, build, param_count, vocab_size
+from benchmarks.scan_inputs import packed_segment_ids
 from experiments import plotting
 from ssmax import BACKENDS
 
@@ -53,6 +60,8 @@ flags.DEFINE_list("backends", None, "Scan backends to time; default: sequential,
                   "pallas (with --tiny not pallas: its CPU interpret mode compiles slowly).")
 flags.DEFINE_list("batches", ["8", "16"], "Batch sizes.")
 flags.DEFINE_integer("length", 2048, "Tokens per sequence.")
+flags.DEFINE_list("packing", ["plain"], "plain (one sequence per row) and/or packed (documents "
+                  "of long-tailed lengths per row, with segment_ids).")
 flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (params float32).")
@@ -68,11 +77,12 @@ harness.define_flags(flags)
 def train_step_fn(graphdef):
   """A jit-compiled AdamW step on ``(model, optimizer)`` state; returns ``(loss, new state)``."""
 
-  def step(state, tokens):
+  def step(state, tokens, segment_ids=None):
     model, optimizer = nnx.merge(graphdef, state)
 
     def loss_fn(m):
-      logits = m(tokens[:, :-1]).astype(jnp.float32)
+      seg = None if segment_ids is None else segment_ids[:, :-1]
+      logits = m(tokens[:, :-1], segment_ids=seg).astype(jnp.float32)
       return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
@@ -82,10 +92,12 @@ def train_step_fn(graphdef):
   return jax.jit(step, donate_argnums=0)
 
 
-def measure(*, size, backend, batch, length, steps, warmup, dtype, learning_rate) -> dict:
+def measure(*, size, backend, batch, length, steps, warmup, dtype, learning_rate,
+            packing="plain") -> dict:
   """Times one configuration in this process; returns its row (status "ok", "OOM" or "error")."""
   row = dict(size=size, backend=backend, batch=batch, length=length, dtype=dtype,
-             device=str(jax.devices()[0].device_kind), platform=jax.default_backend())
+             packing=packing, device=str(jax.devices()[0].device_kind),
+             platform=jax.default_backend())
 
   def timed() -> dict:
     model = build("mamba", size, dtype=jnp.dtype(dtype), param_dtype=jnp.float32,
@@ -95,12 +107,14 @@ def measure(*, size, backend, batch, length, steps, warmup, dtype, learning_rate
     graphdef, state = nnx.split((model, optimizer))
     del model, optimizer
     tokens = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, vocab_size(size))
-    compiled, compile_s = harness.compile_timed(train_step_fn(graphdef), state, tokens)
+    seg = (packed_segment_ids(jax.random.key(2), batch, length + 1, min(256.0, length / 4))
+           if packing == "packed" else None)
+    compiled, compile_s = harness.compile_timed(train_step_fn(graphdef), state, tokens, seg)
     peak = harness.compiled_peak_bytes(compiled)
     carry, losses = [state], []
 
     def step():  # the state is donated: each step takes the previous one's
-      loss, carry[0] = compiled(carry[0], tokens)
+      loss, carry[0] = compiled(carry[0], tokens, seg)
       losses.append(loss)
       return loss
 
@@ -132,14 +146,14 @@ def measure_isolated(**kw) -> dict:
   # Keep the sweep going; the row says what broke.
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   return dict(size=kw["size"], backend=kw["backend"], batch=kw["batch"], length=kw["length"],
-              dtype=kw["dtype"], status=f"error (exit {proc.returncode}): "
+              dtype=kw["dtype"], packing=kw.get("packing", "plain"), status=f"error (exit {proc.returncode}): "
               + (lines[-1][:300] if lines else ""), ms=None, tokens_per_s=None,
               stderr_tail=proc.stderr[-4000:])
 
 
 def run(bench: harness.Run, *, size, backends, batches, length, steps, warmup, dtype,
-        learning_rate, isolate, max_minutes=None) -> dict:
-  """Measures every (backend, batch) into ``bench.record`` and returns it; the run's files are
+        learning_rate, isolate, max_minutes=None, packings=("plain",)) -> dict:
+  """Measures every (batch, backend, packing) into ``bench.record`` and returns it; the run's files are
   rewritten after every configuration."""
   deadline = harness.Deadline(max_minutes)
   rows = []
@@ -150,37 +164,38 @@ def run(bench: harness.Run, *, size, backends, batches, length, steps, warmup, d
                 isolate=isolate, rows=rows,
                 anchors={str(b): dict(ms=a[0], tokens_per_s=a[1], peak_gib=a[2])
                          for b, a in ANCHORS.items()})
-  for batch in batches:
-    for backend in backends:
-      kw = dict(size=size, backend=backend, batch=batch, length=length, steps=steps,
-                warmup=warmup, dtype=dtype, learning_rate=learning_rate)
-      if deadline.passed():
-        row = dict(size=size, backend=backend, batch=batch, length=length, dtype=dtype,
-                   status="not run (time budget)", ms=None, tokens_per_s=None)
-      else:
-        row = measure_isolated(**kw) if isolate else measure(**kw)
-      rows.append(row)
-      if result["device"] is None and "device" in row:
-        result.update(device=row["device"], platform=row["platform"])
-      bench.save(tables(result))
-      bench.log(f"{backend:<12} batch {batch:>3}: " + (
-          f"{row['ms']:9.1f} ms {row['tokens_per_s']:10.0f} tok/s (compiled in "
-          f"{row['compile_s']:.1f} s)" if row["status"] == "ok" else row["status"]))
-      if row.get("stderr_tail"):
-        bench.log(row["stderr_tail"])
+  for batch, backend, packing in [(b, be, pk) for b in batches for be in backends
+                                  for pk in packings]:
+    kw = dict(size=size, backend=backend, batch=batch, length=length, steps=steps,
+              warmup=warmup, dtype=dtype, learning_rate=learning_rate, packing=packing)
+    if deadline.passed():
+      row = dict(size=size, backend=backend, batch=batch, length=length, dtype=dtype,
+                 packing=packing, status="not run (time budget)", ms=None, tokens_per_s=None)
+    else:
+      row = measure_isolated(**kw) if isolate else measure(**kw)
+    rows.append(row)
+    if result["device"] is None and "device" in row:
+      result.update(device=row["device"], platform=row["platform"])
+    bench.save(tables(result))
+    bench.log(f"{backend:<12} batch {batch:>3} {packing:<6}: " + (
+        f"{row['ms']:9.1f} ms {row['tokens_per_s']:10.0f} tok/s (compiled in "
+        f"{row['compile_s']:.1f} s)" if row["status"] == "ok" else row["status"]))
+    if row.get("stderr_tail"):
+      bench.log(row["stderr_tail"])
   bench.log("\n" + tables(result) + f"\n\nwrote {bench.dir}")
   return result
 
 
 def tables(result) -> str:
   fmt = lambda v, spec: "—" if v is None else format(v, spec)
-  head = ["backend", "batch", "ms/step", "tokens/s", "device peak GiB", "compiled peak GiB",
+  head = ["backend", "batch", "rows", "ms/step", "tokens/s", "device peak GiB", "compiled peak GiB",
           "vs official tokens/s"]
   body = []
   for r in result["rows"]:
     anchor = ANCHORS.get(r["batch"]) if r["size"] == "130m" and r["length"] == 2048 else None
     vs = (r["tokens_per_s"] / anchor[1]) if anchor and r["tokens_per_s"] else None
-    body.append([r["backend"], r["batch"], fmt(r["ms"], ".1f") if r["ms"] else r["status"],
+    body.append([r["backend"], r["batch"], r.get("packing", "plain"),
+                 fmt(r["ms"], ".1f") if r["ms"] else r["status"],
                  fmt(r["tokens_per_s"], ".0f"), fmt(r.get("device_peak_gib"), ".2f"),
                  fmt(r.get("compiled_peak_gib"), ".2f"), fmt(vs, ".2f")])
   params = next((r["params"] for r in result["rows"] if "params" in r), None)
@@ -210,11 +225,12 @@ def main(argv):
   if backends is None:
     backends = ["sequential", "associative"] + ([] if FLAGS.tiny else ["pallas"])
   harness.check_choices("backends", backends, BACKENDS)
+  harness.check_choices("packing", FLAGS.packing, ("plain", "packed"))
   device = harness.device_slug_of_child() if isolate else None
   bench = harness.Run("bench_train", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
                       tag=FLAGS.tag, current=FLAGS.current, device=device)
   run(bench, backends=backends, dtype=FLAGS.dtype, learning_rate=FLAGS.learning_rate,
-      isolate=isolate, max_minutes=FLAGS.max_minutes, **kw)
+      isolate=isolate, max_minutes=FLAGS.max_minutes, packings=tuple(FLAGS.packing), **kw)
   bench.finish()
 
 

@@ -18,3 +18,15 @@ def test_bench_train_tiny(run_script):
   assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-2)
   assert "| sequential | 2 |" in (run_dir / "bench_train.md").read_text()
   assert run_dir.name.endswith("_cpu")
+
+
+def test_bench_train_tiny_packed_rows(run_script):
+  """--packing=plain,packed: rows of documents (segment_ids) beside plain rows, same data."""
+  _, run_dir, result = run_script("benchmarks.bench_train", "--backends=associative",
+                                  "--packing=plain,packed", "--isolate=false")
+  rows = result["rows"]
+  assert [r["packing"] for r in rows] == ["plain", "packed"]
+  assert all(r["status"] == "ok" and math.isfinite(r["first_loss"]) for r in rows)
+  # The documents restart the scan and the convolution: not the plain row's loss.
+  assert rows[0]["first_loss"] != rows[1]["first_loss"]
+  assert "| associative | 2 | packed |" in (run_dir / "bench_train.md").read_text()
