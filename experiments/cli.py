@@ -190,6 +190,34 @@ def merged_results(out_dir: Path, model_names: Sequence[str], comparable: dict) 
   return results
 
 
+def train_each(preset: Preset, out_dir: Path, current: dict, test: Callable[[str, Any], dict], *,
+               seed: int, resume: bool, progress: bool,
+               max_train_seconds: float | None = None) -> None:
+  """Trains every model of ``preset`` in order and saves its row (``save_model_result``): the
+  training fields every task records, plus ``test(name, result)``'s. With ``resume``, a model
+  whose saved row has the settings ``current`` is reused; a model stopped by
+  ``max_train_seconds`` gets no row, and no later model starts (rerun with ``resume``)."""
+  for i, name in enumerate(preset.models):
+    saved = load_model_result(out_dir, name)
+    if resume and saved is not None and saved["settings"] == current:
+      print(f"{name}: already has a result with these settings ({out_dir / name / RESULT_FILE}); "
+            "reusing it")
+      continue
+    res = train_model(preset, name, out_dir, seed=seed, resume=resume, progress=progress,
+                      max_seconds=max_train_seconds)
+    print(describe_stop(name, res, preset))
+    if not res.complete:
+      left = list(preset.models[i + 1:])
+      print(f"{name} has no result yet" + (f"; not started: {left}" if left else "")
+            + ". Rerun with --resume to continue.")
+      return
+    save_model_result(out_dir, name, current, {
+        "label": models.LABELS[name], "params": models.count_params(res.model),
+        "steps": preset.steps, "stopped_at_step": res.stopped_at_step,
+        "learned_at_step": res.learned_at_step, "stop_reason": res.stop_reason,
+        "train_seconds": round(training_seconds(res.records), 1), **test(name, res)})
+
+
 def histories(out_dir: Path, results: dict) -> dict[str, list[dict[str, Any]]]:
   """Each result's metrics records (``out_dir/<model>/metrics.jsonl``), by label."""
   return {r["label"]: train.read_records(out_dir / name / "metrics.jsonl")

@@ -163,30 +163,16 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
   t_start = time.perf_counter()
   comparable = settings(preset, seed)
   current = cli.run_settings(preset, comparable)
-  for i, name in enumerate(preset.models):
-    saved = cli.load_model_result(out_dir, name)
-    if resume and saved is not None and saved["settings"] == current:
-      print(f"{name}: already trained and tested with these settings "
-            f"({out_dir / name / cli.RESULT_FILE}); reusing its result")
-      continue
-    res = cli.train_model(preset, name, out_dir, seed=seed, resume=resume, progress=progress,
-                          max_seconds=max_train_seconds)
-    print(cli.describe_stop(name, res, preset))
-    if not res.complete:
-      left = list(preset.models[i + 1:])
-      print(f"{name} is not tested yet" + (f"; not started: {left}" if left else "")
-            + ". Rerun with --resume to continue.")
-      break
+
+  def test(name, res):
     t_eval = time.perf_counter()
     by_length = accuracy_by_length(res.model, name, preset, seed)
-    cli.save_model_result(out_dir, name, current, {
-        "label": models.LABELS[name], "params": models.count_params(res.model),
-        "steps": preset.steps, "stopped_at_step": res.stopped_at_step,
-        "learned_at_step": res.learned_at_step, "stop_reason": res.stop_reason,
-        "train_accuracy": res.final_accuracy,
-        "train_seconds": round(cli.training_seconds(res.records), 1),
-        "test_seconds": round(time.perf_counter() - t_eval, 1),
-        "accuracy_by_length": {str(k): v for k, v in by_length.items()}})
+    return {"train_accuracy": res.final_accuracy,
+            "test_seconds": round(time.perf_counter() - t_eval, 1),
+            "accuracy_by_length": {str(k): v for k, v in by_length.items()}}
+
+  cli.train_each(preset, out_dir, current, test, seed=seed, resume=resume, progress=progress,
+                 max_train_seconds=max_train_seconds)
   results = cli.merged_results(out_dir, models.MODEL_NAMES, comparable)
   if not results:
     print(f"no model of {out_dir} is trained and tested yet; nothing to tabulate")

@@ -63,27 +63,10 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
   t_start = time.perf_counter()
   comparable = cli.comparable_settings(preset, seed)
   current = cli.run_settings(preset, comparable)
-  for i, name in enumerate(preset.models):
-    saved = cli.load_model_result(out_dir, name)
-    if resume and saved is not None and saved["settings"] == current:
-      print(f"{name}: already trained with these settings ({out_dir / name / cli.RESULT_FILE}); "
-            "reusing its result")
-      continue
-    res = cli.train_model(preset, name, out_dir, seed=seed, resume=resume, progress=progress,
-                          max_seconds=max_train_seconds)
-    print(cli.describe_stop(name, res, preset))
-    if not res.complete:
-      left = list(preset.models[i + 1:])
-      print(f"{name} has no result yet" + (f"; not started: {left}" if left else "")
-            + ". Rerun with --resume to continue.")
-      break
-    cli.save_model_result(out_dir, name, current, {
-        "label": models.LABELS[name], "accuracy": res.final_accuracy, "loss": res.final_loss,
-        "params": models.count_params(res.model), "steps": preset.steps,
-        "stopped_at_step": res.stopped_at_step, "learned_at_step": res.learned_at_step,
-        "stop_reason": res.stop_reason,
-        "train_seconds": round(cli.training_seconds(res.records), 1),
-        "paper_accuracy": PAPER_ACCURACY.get(name)})
+  cli.train_each(preset, out_dir, current,
+                 lambda name, res: {"accuracy": res.final_accuracy, "loss": res.final_loss,
+                                    "paper_accuracy": PAPER_ACCURACY.get(name)},
+                 seed=seed, resume=resume, progress=progress, max_train_seconds=max_train_seconds)
   results = cli.merged_results(out_dir, tuple(models.SSM_MODELS), comparable)
   if not results:
     print(f"no model of {out_dir} is trained yet; nothing to tabulate")
