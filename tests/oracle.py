@@ -115,6 +115,15 @@ def random_inputs(seed, b=2, l=37, d=5, n=3, groups=None, dtype=np.float32, comp
   return kw
 
 
+def segment_ids_from_starts(length, *rows) -> np.ndarray:
+  """``(len(rows), length)`` int32 segment ids whose documents start at the given positions."""
+  ids = np.zeros((len(rows), length), np.int32)
+  for b, starts in enumerate(rows):
+    for t in starts:
+      ids[b, t:] += 1
+  return ids
+
+
 def rel_err(got, want) -> float:
   got = np.asarray(got, np.complex128)
   want = np.asarray(want, np.complex128)

@@ -11,6 +11,7 @@ a plain sum there). Each case takes tens of seconds on a CPU. The same kernel on
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import oracle
 import seeds
@@ -67,25 +68,28 @@ def test_states_beyond_one_kernel_run_as_slices():
   check((1, 40, 8, 20, 2), use=("D", "z", "initial_state"))
 
 
-def _ids(length, *rows):
-  """(rows, length) segment ids whose documents start at the given positions."""
-  ids = np.zeros((len(rows), length), np.int32)
-  for b, starts in enumerate(rows):
-    for t in starts:
-      ids[b, t:] += 1
-  return ids
-
-
 def test_segment_ids_at_tile_and_segment_edges():
   # 4 tiles of 32 in segments of 2 tiles (forward and backward): documents of length 1 first and
   # last, boundaries at a tile edge (32), a segment edge (64) and one token past it; the second
   # row is one document, so its state crosses the segment edges.
   check((2, 100, 5, 4, 1), config=mosaic.Config(segments=2, bwd_segments=2, stages=2),
-        segment_ids=_ids(100, [1, 32, 64, 65, 99], []))
+        segment_ids=oracle.segment_ids_from_starts(100, [1, 32, 64, 65, 99], []))
 
 
 def test_segment_ids_with_state_slices_and_groups():
-  check((1, 37, 8, 20, 2), use=("D", "z", "initial_state"), segment_ids=_ids(37, [5, 6, 36]))
+  check((1, 37, 8, 20, 2), use=("D", "z", "initial_state"),
+        segment_ids=oracle.segment_ids_from_starts(37, [5, 6, 36]))
+
+
+@pytest.mark.parametrize("ids, match", [
+    (np.zeros((1, 36), np.int32), r"segment_ids must be \(1, 37\) integers; got \(1, 36\) int32"),
+    (np.zeros((1, 37), np.float32), r"segment_ids must be \(1, 37\) integers; got \(1, 37\) "
+                                    r"float32")])
+def test_segment_ids_checked(ids, match):
+  x = make_inputs(1, 37, 5, 4, 1)
+  with pytest.raises(ValueError, match=match):
+    mosaic.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], segment_ids=ids,
+                          interpret=True)
 
 
 def test_minus_inf_A_stays_finite():

@@ -15,19 +15,11 @@ import pytest
 import ssmax
 from ssmax.scan import dispatch, segments
 from oracle import jax64_scan, numpy_scan, random_inputs, rel_err
+from oracle import segment_ids_from_starts as ids_from_starts
 
 BACKENDS = ["sequential", "associative"]
 SCAN_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
 PER_STEP = ("u", "delta", "z", "B", "C")
-
-
-def ids_from_starts(length, *rows):
-  """``(len(rows), length)`` int32 segment ids whose documents start at the given positions."""
-  ids = np.zeros((len(rows), length), np.int32)
-  for b, starts in enumerate(rows):
-    for s in starts:
-      ids[b, s:] += 1
-  return ids
 
 
 def documents(seg_row):
