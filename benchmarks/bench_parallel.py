@@ -9,15 +9,19 @@ Three measurements, each on 1 device and on N (``--devices``, default all):
 1. The selective scan, forward and forward+backward, at one global shape ``(batch, length,
    d_inner, d_state)``: on N devices through :func:`ssmax.parallel.selective_scan` with the length
    split N ways (mesh ``data=1, seq=N``).
-2. A training step (AdamW) of a :class:`ssmax.nn.MambaLM` (130M: ``d_model=768, n_layer=24``) at
-   one global batch: on N devices both data-parallel (``data=N``) and sequence-parallel
-   (``seq=N``), gradients taken inside ``shard_map`` by :func:`ssmax.parallel.value_and_grad`.
+2. A training step (AdamW) of a :class:`ssmax.nn.MambaLM` (130M: ``d_model=768, n_layer=24``):
+   data-parallel (``data=N``) at the same batch per device as the one-device row (global batch
+   ``N * --train_batch``: throughput scaling), and sequence-parallel (``seq=N``) at the one-device
+   row's global batch (each device holds ``1/N`` of every sequence); gradients taken inside
+   ``shard_map`` by :func:`ssmax.parallel.value_and_grad`. The speed-up is tokens/s over the
+   one-device row's.
 3. The longest sequence whose training step fits at batch 1: doubling from ``--search_start``
    until the step runs out of memory (or reaches ``--search_max``), then bisecting down to
    ``--search_granularity`` tokens; on one device and sequence-parallel on N.
 
-Times are medians of ``--repeats`` runs after a warm-up (compilation excluded). Prints Markdown
-tables and writes ``results/bench_parallel/<date>_<device>/bench_parallel.{json,md,log}`` (see
+Times are medians of ``--repeats`` runs after a warm-up (compilation excluded). A row that runs
+out of memory or fails is recorded as such (``status``) and the others go on; ``--parts`` picks the
+measurements. Prints Markdown tables and writes ``results/bench_parallel/<date>_<device>/bench_parallel.{json,md,log}`` (see
 :mod:`benchmarks.harness`).
 """
 
@@ -47,14 +51,15 @@ flags.DEFINE_string("backend", "auto",
                     "Selective scan backend (auto, sequential, associative, pallas).")
 flags.DEFINE_list("scan_shape", None, "batch,length,d_inner,d_state of the scan; default "
                   "1,32768,1536,16 (tiny: 2,64,8,4).")
-flags.DEFINE_integer("train_batch", None, "Global batch of the training step; default 8 (tiny: 4).")
+flags.DEFINE_integer("train_batch", None, "Batch of the one-device training step (and per device "
+                     "data-parallel); default 8 (tiny: 2).")
 flags.DEFINE_integer("train_length", None,
                      "Sequence length of the training step; default 2048 (tiny: 32).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
                   "Compute dtype (scan inputs, model).")
 flags.DEFINE_integer("repeats", 10, "Timed runs per measurement (median reported).")
-flags.DEFINE_bool("search", True,
-                  "Search the longest sequence that fits (slow: one compile per try).")
+flags.DEFINE_list("parts", ["scan", "train", "fit"], "Measurements to run: scan, train, fit (the "
+                  "longest sequence that fits; slow: one compile per try).")
 flags.DEFINE_integer("search_start", None, "First length tried; default 8192 (tiny: 16).")
 flags.DEFINE_integer("search_max", None, "Longest length tried; default 1048576 (tiny: 32).")
 flags.DEFINE_integer("search_granularity", None, "Bisection stops at this many tokens; default "
@@ -79,7 +84,7 @@ def settings() -> Settings:
   shape = FLAGS.scan_shape or (["2", "64", "8", "4"] if tiny else ["1", "32768", "1536", "16"])
   if len(shape) != 4:
     raise app.UsageError(f"--scan_shape needs batch,length,d_inner,d_state; got {shape}")
-  return Settings(tuple(int(s) for s in shape), pick(FLAGS.train_batch, 8, 4),
+  return Settings(tuple(int(s) for s in shape), pick(FLAGS.train_batch, 8, 2),
                   pick(FLAGS.train_length, 2048, 32), "tiny" if tiny else "130m",
                   pick(FLAGS.search_start, 8192, 16), pick(FLAGS.search_max, 1 << 20, 32),
                   pick(FLAGS.search_granularity, 4096, 16))
@@ -109,27 +114,31 @@ def scan_inputs(shape, dtype, seed=0):
       delta_softplus=True)
 
 
-def bench_scan(s: Settings, n: int, dtype) -> list[dict]:
-  kw = scan_inputs(s.scan_shape, dtype)
-  arrays = {k: v for k, v in kw.items() if k != "delta_softplus"}
+def scan_row(s: Settings, devices: int, dtype) -> dict:
+  arrays = {k: v for k, v in scan_inputs(s.scan_shape, dtype).items() if k != "delta_softplus"}
+  mesh = parallel.make_mesh(1, devices)
+  if devices == 1:
+    scan = lambda a: ssmax.selective_scan(**a, delta_softplus=True, backend=FLAGS.backend)
+  else:
+    scan = lambda a: parallel.selective_scan(mesh, **a, delta_softplus=True,
+                                             backend=FLAGS.backend)
+  fwd = jax.jit(scan)
+  fwd_bwd = jax.jit(jax.grad(lambda a: jnp.sum(scan(a).astype(jnp.float32))))
+  placed = arrays
+  if devices > 1:
+    along_length = {k: arrays[k] for k in ("u", "delta", "B", "C", "z")}
+    placed = dict(parallel.shard_batch(mesh, along_length, data_axis=None),
+                  **parallel.replicate(mesh, {k: arrays[k] for k in ("A", "D", "delta_bias")}))
+  return dict(fwd_ms=timed_ms(fwd, placed, repeats=FLAGS.repeats),
+              fwd_bwd_ms=timed_ms(fwd_bwd, placed, repeats=FLAGS.repeats))
+
+
+def bench_scan(s: Settings, n: int, dtype, log) -> list[dict]:
   rows = []
   for devices in (1, n):
-    mesh = parallel.make_mesh(1, devices)
-    if devices == 1:
-      scan = lambda a: ssmax.selective_scan(**a, delta_softplus=True, backend=FLAGS.backend)
-    else:
-      scan = lambda a: parallel.selective_scan(mesh, **a, delta_softplus=True,
-                                               backend=FLAGS.backend)
-    fwd = jax.jit(scan)
-    fwd_bwd = jax.jit(jax.grad(lambda a: jnp.sum(scan(a).astype(jnp.float32))))
-    placed = arrays
-    if devices > 1:
-      along_length = {k: arrays[k] for k in ("u", "delta", "B", "C", "z")}
-      placed = dict(parallel.shard_batch(mesh, along_length, data_axis=None),
-                    **parallel.replicate(mesh, {k: arrays[k] for k in ("A", "D", "delta_bias")}))
     rows.append(dict(devices=devices, mesh=f"seq={devices}",
-                     fwd_ms=timed_ms(fwd, placed, repeats=FLAGS.repeats),
-                     fwd_bwd_ms=timed_ms(fwd_bwd, placed, repeats=FLAGS.repeats)))
+                     **harness.attempt(lambda: scan_row(s, devices, dtype), log)))
+    jax.clear_caches()
   return rows
 
 
@@ -185,13 +194,21 @@ def run_train(s: Settings, devices: int, mode: str, batch: int, length: int, dty
   return timed_ms(run, repeats=repeats)
 
 
-def bench_train(s: Settings, n: int, dtype) -> list[dict]:
+def bench_train(s: Settings, n: int, dtype, log) -> list[dict]:
+  """Rows: one device; data-parallel at the same batch per device; sequence-parallel at the same
+  global batch."""
   rows = []
-  for devices, mode in ((1, "data"), (n, "data"), (n, "seq")):
-    ms = run_train(s, devices, mode, s.train_batch, s.train_length, dtype, FLAGS.repeats)
-    tokens = s.train_batch * s.train_length
-    rows.append(dict(devices=devices, mesh=f"{mode}={devices}", step_ms=ms,
-                     tokens_per_s=tokens / (ms / 1e3)))
+  for devices, mode, batch in ((1, "data", s.train_batch), (n, "data", n * s.train_batch),
+                               (n, "seq", s.train_batch)):
+    tokens = batch * s.train_length
+
+    def measure():
+      ms = run_train(s, devices, mode, batch, s.train_length, dtype, FLAGS.repeats)
+      return dict(step_ms=ms, tokens_per_s=tokens / (ms / 1e3))
+
+    rows.append(dict(devices=devices, mesh=f"{mode}={devices}", batch=batch,
+                     **harness.attempt(measure, log)))
+    jax.clear_caches()
   return rows
 
 
@@ -246,63 +263,87 @@ def main(argv):
   del argv
   s = settings()
   n = FLAGS.devices or jax.device_count()
+  harness.check_choices("parts", FLAGS.parts, {"scan", "train", "fit"})
   if n < 2 or n > jax.device_count():
     raise app.UsageError(f"--devices must be in [2, {jax.device_count()}]; got {n} (on CPU set "
                          "XLA_FLAGS=--xla_force_host_platform_device_count=4)")
   if s.search_granularity % n or s.search_start % n or s.scan_shape[1] % n or s.train_length % n:
     raise app.UsageError("lengths (scan, train, search start and granularity) must be multiples "
                          f"of N={n}")
-  if s.train_batch % n:
-    raise app.UsageError(f"--train_batch must be a multiple of N={n}; got {s.train_batch}")
   dtype = jnp.dtype(FLAGS.dtype)
   device = f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform})"
-
-  scan_rows = bench_scan(s, n, dtype)
-  train_rows = bench_train(s, n, dtype)
-  fit_rows = []
-  if FLAGS.search:
-    for k in (1, n):
-      fit = longest_fit(lambda length, k=k: fits(s, k, length, dtype), s.search_start,
-                        s.search_max, s.search_granularity)
-      fit_rows.append(dict(devices=k, **fit))
-
   bench = harness.Run("bench_parallel", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
                       tag=FLAGS.tag, current=FLAGS.current,
                       device=f"{harness.device_slug()}x{jax.device_count()}", meta=dict(
                           device=device, device_count=jax.device_count(), n=n,
                           backend=FLAGS.backend, dtype=FLAGS.dtype, tiny=FLAGS.tiny,
-                          repeats=FLAGS.repeats, settings=dataclasses.asdict(s), scan=scan_rows,
-                          train=train_rows, longest_fit=fit_rows))
-  text = tables(bench.record)
-  bench.save(text)
-  bench.log(text + f"\n\nwrote {bench.dir}")
+                          repeats=FLAGS.repeats, settings=dataclasses.asdict(s), scan=[],
+                          train=[], longest_fit=[]))
+  for part in ("scan", "train", "fit"):  # each part saved as it ends: a cut-short run keeps it
+    if part not in FLAGS.parts:
+      continue
+    if part == "scan":
+      bench.record["scan"] = bench_scan(s, n, dtype, bench.log)
+    elif part == "train":
+      bench.record["train"] = bench_train(s, n, dtype, bench.log)
+    else:
+      for k in (1, n):
+        fit = harness.attempt(lambda k=k: longest_fit(
+            lambda length: fits(s, k, length, dtype), s.search_start, s.search_max,
+            s.search_granularity), bench.log)
+        bench.record["longest_fit"].append(dict(devices=k, **fit))
+    text = tables(bench.record)
+    bench.save(text)
+    bench.log(text)
+  bench.log(f"\nwrote {bench.dir}")
   bench.finish()
 
 
+def _ratio(base: dict, row: dict, key: str, inverse: bool = False) -> str:
+  """``base[key] / row[key]`` (``row / base`` if ``inverse``) as ``1.93x``; ``-`` if either failed."""
+  if base.get("status") != "ok" or row.get("status") != "ok":
+    return "-"
+  return f"{(row[key] / base[key]) if inverse else (base[key] / row[key]):.2f}x"
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+  return format(row[key], fmt) if row.get("status") == "ok" else row.get("status", "?")
+
+
 def tables(r: dict) -> str:
+  """Markdown tables of the parts measured so far."""
   s = Settings(**r["settings"])
   scan_rows, train_rows, fit_rows = r["scan"], r["train"], r["longest_fit"]
-  base_scan, base_train = scan_rows[0], train_rows[0]
-  b, l, d, st = s.scan_shape
-  parts = [f"Selective scan, (batch, length, d_inner, d_state) = ({b}, {l}, {d}, {st}), "
-           f"{r['dtype']}, backend {r['backend']}; {r['device']}\n"]
-  parts.append(plotting.markdown_table(
-      ["devices", "mesh", "fwd (ms)", "fwd+bwd (ms)", "speed-up fwd", "speed-up fwd+bwd"],
-      [[x["devices"], x["mesh"], f"{x['fwd_ms']:.3f}", f"{x['fwd_bwd_ms']:.3f}",
-        f"{base_scan['fwd_ms'] / x['fwd_ms']:.2f}x",
-        f"{base_scan['fwd_bwd_ms'] / x['fwd_bwd_ms']:.2f}x"] for x in scan_rows]))
-  parts.append(f"\nMambaLM training step (AdamW), {s.size}, global batch {s.train_batch} x "
-               f"{s.train_length} tokens, {r['dtype']}\n")
-  parts.append(plotting.markdown_table(
-      ["devices", "mesh", "step (ms)", "tokens/s", "speed-up"],
-      [[x["devices"], x["mesh"], f"{x['step_ms']:.2f}", f"{x['tokens_per_s']:,.0f}",
-        f"{base_train['step_ms'] / x['step_ms']:.2f}x"] for x in train_rows]))
+  parts = []
+  if scan_rows:
+    b, l, d, st = s.scan_shape
+    parts.append(f"Selective scan, (batch, length, d_inner, d_state) = ({b}, {l}, {d}, {st}), "
+                 f"{r['dtype']}, backend {r['backend']}; {r['device']}\n")
+    parts.append(plotting.markdown_table(
+        ["devices", "mesh", "fwd (ms)", "fwd+bwd (ms)", "speed-up fwd", "speed-up fwd+bwd"],
+        [[x["devices"], x["mesh"], _cell(x, "fwd_ms", ".3f"), _cell(x, "fwd_bwd_ms", ".3f"),
+          _ratio(scan_rows[0], x, "fwd_ms"), _ratio(scan_rows[0], x, "fwd_bwd_ms")]
+         for x in scan_rows]))
+  if train_rows:
+    parts.append(f"\nMambaLM training step (AdamW), {s.size}, length {s.train_length}, "
+                 f"{r['dtype']}, backend {r['backend']}; data=N at {s.train_batch} rows per "
+                 f"device, seq=N at the one-device batch; speed-up in tokens/s\n")
+    parts.append(plotting.markdown_table(
+        ["devices", "mesh", "global batch", "step (ms)", "tokens/s", "speed-up"],
+        [[x["devices"], x["mesh"], x["batch"], _cell(x, "step_ms", ".2f"),
+          _cell(x, "tokens_per_s", ",.0f"), _ratio(train_rows[0], x, "tokens_per_s", True)]
+         for x in train_rows]))
   if fit_rows:
     parts.append(f"\nLongest training sequence at batch 1 (sequence-parallel on N; doubling from "
                  f"{s.search_start}, bisecting to {s.search_granularity}, cap {s.search_max})\n")
     parts.append(plotting.markdown_table(
-        ["devices", "longest that fits", "first that failed"],
-        [[x["devices"], x["longest"], "none up to the cap" if x["capped"] else x["first_failure"]]
+        ["devices", "longest that fits", "first that failed", "vs 1 device"],
+        [[x["devices"], x.get("longest") if x["status"] == "ok" else x["status"],
+          ("none up to the cap" if x["capped"] else x["first_failure"])
+          if x["status"] == "ok" else "-",
+          f"{x['longest'] / fit_rows[0]['longest']:.2f}x"
+          if x["status"] == fit_rows[0]["status"] == "ok" and x.get("longest")
+          and fit_rows[0].get("longest") else "-"]
          for x in fit_rows]))
   return "\n".join(parts)
 

@@ -6,14 +6,15 @@ from benchmarks import bench_parallel
 
 def test_bench_parallel_tiny_on_four_cpu_devices(run_script):
   _, run_dir, result = run_script(
-      "benchmarks.bench_parallel", "--repeats=1", "--nosearch",
+      "benchmarks.bench_parallel", "--repeats=1", "--parts=scan,train",
       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
   assert result["n"] == 4 and result["tiny"] and run_dir.name.endswith("_cpux4")
   assert [r["devices"] for r in result["scan"]] == [1, 4]
   assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in result["scan"])
   assert [r["mesh"] for r in result["train"]] == ["data=1", "data=4", "seq=4"]
-  assert all(r["step_ms"] > 0 for r in result["train"])
-  assert result["longest_fit"] == []  # --nosearch
+  assert [r["batch"] for r in result["train"]] == [2, 8, 2]  # same rows per device for data=N
+  assert all(r["status"] == "ok" and r["step_ms"] > 0 for r in result["train"])
+  assert result["longest_fit"] == []  # not in --parts
   assert "speed-up" in (run_dir / "bench_parallel.md").read_text()
 
 
@@ -28,3 +29,16 @@ def test_longest_fit_at_the_cap_and_never():
   assert always["longest"] == 4096 and always["capped"]
   never = bench_parallel.longest_fit(lambda n: False, 1024, 1 << 20, 256)
   assert never["longest"] is None and never["first_failure"] == 256
+
+
+def test_tables_show_failed_rows_and_leave_their_ratios_out():
+  settings = bench_parallel.Settings((1, 64, 8, 4), 2, 32, "tiny", 16, 32, 16)
+  ok = dict(status="ok", step_ms=10.0, tokens_per_s=6400.0)
+  train = [dict(devices=1, mesh="data=1", batch=2, **ok),
+           dict(devices=2, mesh="data=2", batch=4, status="OOM"),
+           dict(devices=2, mesh="seq=2", batch=2, status="ok", step_ms=6.0, tokens_per_s=6400 / 0.6)]
+  record = dict(settings=vars(settings), dtype="float32", backend="pallas", device="GPU",
+                scan=[], longest_fit=[], train=train)
+  text = bench_parallel.tables(record)
+  assert "| 2 | data=2 | 4 | OOM | OOM | - |" in text
+  assert "| 2 | seq=2 | 2 | 6.00 | 10,667 | 1.67x |" in text
