@@ -170,12 +170,11 @@ class MambaMixer(nnx.Module):
     if self.sequence_axis is not None and self.d_conv > 1:
       left = sharding.sequence_halo(xs, self.d_conv - 1, self.sequence_axis, first=left)
     history = jnp.concatenate([left, xs], axis=1)
-    if segment_ids is None:
-      u = jax.nn.silu(self.conv1d(history))  # (b, l, d_inner)
-    else:
+    window = None
+    if segment_ids is not None:
       before = segments.left_ids(segment_ids, self.d_conv - 1, self.sequence_axis)
       window = segments.window_mask(segment_ids, self.d_conv, before)  # (b, l, d_conv)
-      u = jax.nn.silu(self._masked_conv(history, window))
+    u = jax.nn.silu(self._conv(history, window))  # (b, l, d_inner)
     h0 = None if fresh else state.ssm
     if self.ssm == "selective":
       dt, B, C = self._x_proj(u)
@@ -256,17 +255,21 @@ class MambaMixer(nnx.Module):
                   "(batch, d_inner, d_state)")
     return state
 
-  def _masked_conv(self, history, window):
-    """The depthwise convolution with a per-position mask: ``history`` ``(b, l + d_conv - 1,
-    d_inner)``, ``window`` ``(b, l, d_conv)`` bool (which inputs of each output's window count)."""
-    l = window.shape[1]
-    kernel = self.conv1d.kernel[...][:, 0, :].astype(self.dtype)  # (d_conv, d_inner)
-    history = history.astype(self.dtype)
-    u = sum(history[:, j:j + l] * jnp.where(window[..., j:j + 1], kernel[j], 0)
-            for j in range(self.d_conv))
+  def _conv(self, history, window=None):
+    """The depthwise causal convolution as ``d_conv`` shifted multiply-adds (one fusion with the
+    SiLU after it; XLA's grouped convolution with ``d_inner`` groups was ~57 ms of a 135 ms 130M
+    training step on an H100). ``history`` ``(b, l + d_conv - 1, d_inner)``; ``window`` ``(b, l,
+    d_conv)`` bool or None: which inputs of each output's window count (packed documents).
+    Returns ``(b, l, d_inner)`` in the compute dtype, summed in float32 (free in one fusion)."""
+    l = history.shape[1] - self.d_conv + 1
+    f32 = jnp.promote_types(self.dtype, jnp.float32)
+    kernel = self.conv1d.kernel[...][:, 0, :].astype(self.dtype).astype(f32)  # (d_conv, d_inner)
+    history = history.astype(self.dtype).astype(f32)
+    tap = lambda j: kernel[j] if window is None else jnp.where(window[..., j:j + 1], kernel[j], 0)
+    u = sum(history[:, j:j + l] * tap(j) for j in range(self.d_conv))
     if self.conv1d.bias is not None:
-      u = u + self.conv1d.bias[...].astype(self.dtype)
-    return u
+      u = u + self.conv1d.bias[...].astype(self.dtype).astype(f32)
+    return u.astype(self.dtype)
 
   def _in_proj(self, x):
     xz = dense(self.in_proj, x)
