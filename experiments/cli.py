@@ -1,5 +1,8 @@
 """What the synthetic-task entry points share: their presets, absl flags, training one model of a
-preset, and writing the results."""
+preset, and writing the results.
+
+Launched as several processes (hosts; :func:`ssmax.parallel.initialize_distributed`), every process
+runs the same program and only process 0 writes the results and plots (:func:`writes_files`)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import jax
 from absl import app, flags
 
 from experiments import models, train
+from ssmax import parallel
 
 FLAGS = flags.FLAGS
 
@@ -157,8 +161,17 @@ def run_settings(preset: Preset, comparable: dict) -> dict:
           "stop_after_perfect_evals": preset.stop_after_perfect_evals}
 
 
+def writes_files() -> bool:
+  """Whether this process writes the results and plots: process 0 (the only process of a
+  single-process run), so that several processes do not write the same files."""
+  return jax.process_index() == 0
+
+
 def save_model_result(out_dir: Path, name: str, settings: dict, result: dict) -> None:
-  """``out_dir/name/result.json``: one model's row of the table, with the run settings."""
+  """``out_dir/name/result.json``: one model's row of the table, with the run settings (process 0
+  only)."""
+  if not writes_files():
+    return
   path = out_dir / name / RESULT_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".json.tmp")
@@ -231,7 +244,10 @@ def training_seconds(records: list[dict[str, Any]]) -> float:
 
 def write_results(out_dir: Path, preset: Preset, seed: int, results: dict, started: float,
                   text: str) -> None:
-  """``results.md`` (``text``) and ``results.json`` (the task, shape, schedule and ``results``)."""
+  """``results.md`` (``text``) and ``results.json`` (the task, shape, schedule and ``results``);
+  process 0 only."""
+  if not writes_files():
+    return
   (out_dir / "results.md").write_text(f"{text}\n")
   (out_dir / "results.json").write_text(json.dumps(
       {"task": dataclasses.asdict(preset.task), "shape": dataclasses.asdict(preset.shape),
@@ -248,7 +264,8 @@ def devices() -> str:
 
 def main(task: str, run: Callable[..., dict], preset: Preset) -> None:
   """Runs ``run(preset, out_dir, ...)`` with the common flags; the default out_dir is
-  ``runs/<task>_<preset>``."""
+  ``runs/<task>_<preset>``. Joins the other processes first when launched as several."""
+  parallel.initialize_distributed()
   out_dir = FLAGS.out_dir or f"runs/{task}_{FLAGS.preset}"
   run(preset, out_dir, seed=FLAGS.seed, resume=FLAGS.resume, progress=FLAGS.progress,
       max_train_seconds=FLAGS.max_train_seconds)

@@ -190,6 +190,8 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
             f"dash: not run (quadratic attention).")
   text = table(results, preset)
   cli.write_results(out_dir, preset, seed, results, t_start, f"{header}\n\n{text}")
+  if not cli.writes_files():  # another process of a multi-process run: process 0 plots
+    return results
   plotting.plot_accuracy_vs_length(
       {r["label"]: {int(k): v for k, v in r["accuracy_by_length"].items()} for r in results.values()},
       out_dir / "accuracy_vs_length.png", title="Induction Heads: length extrapolation",

@@ -84,6 +84,8 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
             f"Steps: where training stopped; Learned at: the first step of the last run of 100% "
             f"validation evaluations. Chance: {100 * task.chance_accuracy:.1f}%.")
   cli.write_results(out_dir, preset, seed, results, t_start, f"{header}\n\n{table}")
+  if not cli.writes_files():  # another process of a multi-process run: process 0 plots
+    return results
   plotting.plot_accuracy_vs_step(cli.histories(out_dir, results), out_dir / "accuracy_vs_step.png",
                                  title=f"Selective Copying (length {task.length})",
                                  chance=task.chance_accuracy)

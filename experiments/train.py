@@ -17,6 +17,14 @@ validation set.
 recurrent state (Mamba) or the KV cache (Transformer) from one chunk to the next, so that memory
 stays bounded by the chunk length; it raises on non-finite logits instead of reporting NaN.
 
+Several processes (hosts): launched as one of several processes (see
+:func:`ssmax.parallel.initialize_distributed`), :func:`train` joins the others at start-up and
+runs the same loop in every process over the devices of all of them; the batch is drawn inside
+the compiled step from a key every process holds, so no process reads data for another. Only
+process 0 writes ``metrics.jsonl`` and shows the progress bar; every process takes part in the
+checkpoints (Orbax coordinates their writes), so ``run_dir`` must be on a file system all
+processes share.
+
 Resume semantics. A run directory holds ``metrics.jsonl`` and, with ``checkpoint_every > 0``,
 ``checkpoints/<step>/`` (the newest two). :func:`train` never silently overwrites a run:
 
@@ -75,12 +83,13 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from experiments import models
 from experiments.tasks import Batch, PackedBatch
-from ssmax import _checks
+from ssmax import _checks, parallel
 from ssmax.io import checkpoint as ssmax_checkpoint
 
 
@@ -352,6 +361,9 @@ def _train_steps(state, data_key, start, loss_sum, acc_sum, *, count, graphdef, 
   def body(i, carry):
     state, loss_sum, acc_sum = carry
     model, optimizer = nnx.merge(graphdef, state)
+    # The global batch, drawn inside the step: with several processes, every process runs this
+    # same program on the same key and each device computes its own shard, so no process needs
+    # the others' rows (nothing is sampled or placed from the host).
     batch = task.sample(jax.random.fold_in(data_key, start + i), batch_size)
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     loss, accuracy = _train_step(model, optimizer, batch)
@@ -387,6 +399,25 @@ def read_records(path: str | os.PathLike, up_to_step: float = math.inf) -> list[
         break  # the last line of a run killed while writing it
       raise ValueError(f"{path} line {i + 1} is not JSON: {line[:80]!r}") from None
   return [r for r in records if r.get("step", 0) <= up_to_step]
+
+
+def _is_main_process() -> bool:
+  """Whether this process writes the run's files (process 0 of a multi-process run)."""
+  return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process of a multi-process run (no-op in one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _agreed(flag: bool) -> bool:
+  """Process 0's ``flag`` on every process, so that all take the same branch (the loop's
+  collectives would hang if one process stopped alone)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
 
 
 def _checkpoint_state(model, optimizer, data_key):
@@ -440,9 +471,11 @@ def _resume(manager, run_dir: Path, config: TrainConfig, model, optimizer, data_
       warnings.warn(f"run {run_dir}: checkpoint step {step} is corrupt and is moved to {aside} "
                     f"({type(e).__name__}: {str(e)[:200]}); falling back to the previous one",
                     RuntimeWarning, stacklevel=3)
-      if aside.exists():
-        shutil.rmtree(aside)
-      shutil.move(str(ckpt_dir / str(step)), aside)
+      if _is_main_process():
+        if aside.exists():
+          shutil.rmtree(aside)
+        shutil.move(str(ckpt_dir / str(step)), aside)
+      _barrier(f"ssmax_train_corrupt_{step}")
       manager.reload()
   raise ValueError(f"cannot resume run {run_dir}: no checkpoint reads back (" + "; ".join(errors)
                    + "); the damaged steps were moved to corrupt_checkpoint_<step>")
@@ -473,6 +506,8 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
     :class:`TrainResult`.
   """
   t_call = time.perf_counter()
+  parallel.initialize_distributed()  # joins the other processes when launched as several
+  main = _is_main_process()
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   mesh = data_mesh()
@@ -484,9 +519,10 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
 
   model = make_model(nnx.Rngs(config.seed))
   optimizer = nnx.Optimizer(model, optax.adam(config.learning_rate), wrt=nnx.Param)
-  for obj in (model, optimizer):
-    nnx.update(obj, jax.device_put(nnx.state(obj), replicated))
-  data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  for obj in (model, optimizer):  # the same on every process: one seed
+    nnx.update(obj, parallel.replicate(mesh, nnx.state(obj)))
+  # Replicated like the state: with several processes, checkpoints take only global arrays.
+  data_key = parallel.replicate(mesh, jax.random.fold_in(jax.random.key(config.seed), 1))
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
   ckpt_dir = (run_dir / "checkpoints").absolute()
@@ -512,7 +548,9 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
   # The final evaluation is always redone, so a finished run resumed keeps one copy of it.
   records = [r for r in records if not (r["kind"] == "eval" and r["step"] == config.steps)]
   time_offset = max((r["time_s"] for r in records if r["kind"] == "train"), default=0.0)
-  metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  _barrier("ssmax_train_records_read")  # every process has read the records before they change
+  if main:
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
   graphdef, _ = nnx.split((model, optimizer))
   run_steps = functools.partial(_train_steps, graphdef=graphdef, task=task,
@@ -523,8 +561,9 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
 
   def log(record):
     records.append(record)
-    with metrics_path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    if main:
+      with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
   def run_eval(step):
     accuracy, loss = evaluate(model, task, eval_key, config.eval_examples, eval_batch)
@@ -545,8 +584,8 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
   # A run resumed after it stopped early (its checkpoint is the stopping step, and the records up
   # to it end with the perfect evaluations) stops again before any step.
   stop_reason = "perfect_evals" if patience and perfect_streak(records)[0] >= patience else None
-  bar = tqdm(total=config.steps, initial=start, desc=name or "train", disable=not config.progress,
-             dynamic_ncols=True, leave=True)
+  bar = tqdm(total=config.steps, initial=start, desc=name or "train",
+             disable=not (config.progress and main), dynamic_ncols=True, leave=True)
   t0 = time.perf_counter()
   zero = jax.device_put(jnp.zeros((), jnp.float32), replicated)
   window_loss = window_acc = zero
@@ -584,7 +623,8 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
     if due_save:
       save(done)
     if (stop_reason is None and config.max_seconds is not None and done < config.steps
-        and done % config.log_every == 0 and time.perf_counter() - t_call >= config.max_seconds):
+        and done % config.log_every == 0
+        and _agreed(time.perf_counter() - t_call >= config.max_seconds)):  # process 0's clock
       stop_reason = "time_limit"
     if stop_reason is not None and manager is not None:
       if stale:
