@@ -46,23 +46,26 @@ def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, initi
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, *,
                    delta_softplus: bool = False, segment_ids=None, interpret: bool = False,
-                   config=None):
+                   config=None, sequence_axis=None):
   """The fused selective scan on canonical inputs (B and C ``(batch, length, groups, state)``).
 
   Shapes, dtypes, ``segment_ids`` and the result are those of
   :func:`.selective_scan_mosaic.selective_scan`. ``config`` is a :class:`Config` (Mosaic GPU) or
   a ``selective_scan_triton.Config`` (which picks the Triton kernel, without ``segment_ids``);
-  None picks the kernel for this machine and its default blocking.
+  None picks the kernel for this machine and its default blocking. ``sequence_axis`` (Mosaic GPU
+  only): the length is split over that mesh axis of an enclosing ``shard_map``.
   """
   if _uses_triton(config):
     if segment_ids is not None:
       raise ValueError("segment_ids are not supported by the Triton kernel (GPUs before Hopper)")
+    if sequence_axis is not None:
+      raise ValueError("sequence_axis is not supported by the Triton kernel (GPUs before Hopper)")
     return selective_scan_triton.selective_scan(
         u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus=delta_softplus,
         interpret=interpret, config=config)
   return _mosaic_scan(u, delta, A, B, C, D, z, delta_bias, initial_state,
                       delta_softplus=delta_softplus, segment_ids=segment_ids,
-                      interpret=interpret, config=config)
+                      interpret=interpret, config=config, sequence_axis=sequence_axis)
 
 
 __all__ = ["Config", "StepConfig", "selective_scan",

@@ -191,6 +191,9 @@ class _Plan:
   interpret: bool
   has_resets: bool = False  # segment_ids: the decay is 0 where a new segment starts
   f32_out: bool = False  # state slices: y, dΔ, du are float32 partial sums
+  # Sequence parallelism: the mesh axis the length is split over (inside shard_map). The
+  # pre-passes then cover every segment, and the shards' totals are chained across devices.
+  axis: str | None = None
 
   @property
   def dp(self):
@@ -465,9 +468,11 @@ def _decay(dt, a2j, rb):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))  # one lowering per plan, shared by slices
 def _fwd_call(p: _Plan, mode: str, arrays):
-  """``mode``: "local" (pre-pass: segments 0..S-2 from zero; end state and ΣΔ) or "main" /
-  "main_save" (y, the last state, and with "_save" the state entering every tile)."""
+  """``mode``: "local" (pre-pass: segments 0..S-2 from zero, 0..S-1 with ``p.axis``; end state
+  and ΣΔ) or "main" / "main_save" (y, the last state, and with "_save" the state entering every
+  tile)."""
   main = mode != "local"
+  whole = main or p.axis is not None  # the last (shorter) segment is scanned too
   save = mode == "main_save"
   n_st, nt, ss = p.state_pad, p.tiles, p.segments
   per = -(-nt // ss)
@@ -486,8 +491,8 @@ def _fwd_call(p: _Plan, mode: str, arrays):
     grid_s = ss
   else:
     out_names = ["hloc", "dsum"]
-    out_type = [f32(p.batch, ss - 1, n_st, p.dp), f32(p.batch, ss - 1, p.dp)]
-    grid_s = ss - 1
+    grid_s = ss if whole else ss - 1
+    out_type = [f32(p.batch, grid_s, n_st, p.dp), f32(p.batch, grid_s, p.dp)]
   stages = max(1, min(p.stages, per))
   scratch = _smem(p, arrays, names, bc_names, stages)
   unroll = p.primal_unroll if mode == "main" else p.unroll
@@ -499,8 +504,8 @@ def _fwd_call(p: _Plan, mode: str, arrays):
     cols = pl.ds(di * BLOCK, BLOCK)
     ring = _Ring(refs, names, bc_names, _groups_of(p, di), refs["bars"], stages, bi, di, cols)
     first = si * per
-    count = jnp.minimum(per, nt - first) if main else per
-    min_count = nt - (ss - 1) * per if main else per
+    count = jnp.minimum(per, nt - first) if whole else per
+    min_count = nt - (ss - 1) * per if whole else per
     _prologue(count, min_count, stages, lambda i: ring.fetch(first + i, i))
     bias = _vec(refs["bias"].at[cols]) if p.has_bias else None
     dskip = _vec(refs["D"].at[cols]) if (main and p.has_d) else None
@@ -579,14 +584,40 @@ def _unbroken(p: _Plan, rb, segments: int):
   return jnp.all(rb.reshape(p.batch, segments, per) == 0, axis=-1).astype(_F32)
 
 
-def _forward(p: _Plan, arrays, h0t, save: bool):
-  """y (b, Lp, dp), last state (b, np, dp), and the per-tile states if ``save``."""
-  if p.segments > 1:
-    hloc, dsum = _fwd_call(p, "local", arrays)
-    decay = jnp.exp2(arrays["a2t"][None, None] * dsum[:, :, None, :])
-    if p.has_resets:  # a segment holding a reset passes nothing through it
-      decay = decay * _unbroken(p, arrays["rb"], p.segments)[:, :-1, None, None]
+def _fold(decay, loc, reverse: bool = False):
+  """Chains segments ``h -> decay_s * h + loc_s`` from a zero state (last segment first with
+  ``reverse``): the total ``(state, decay)`` of the run of segments, each (b, np, dp)."""
+  def step(carry, xs):
+    h, total = carry
+    dec, lo = xs
+    return (dec * h + lo, dec * total), None
 
+  init = (jnp.zeros_like(loc[:, 0]), jnp.ones_like(decay[:, 0]))
+  (h, total), _ = lax.scan(step, init, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(loc, 1, 0)),
+                           reverse=reverse)
+  return h, total
+
+
+def _forward(p: _Plan, arrays, h0t, save: bool):
+  """y (b, Lp, dp), last state (b, np, dp), and the per-tile states if ``save``.
+
+  With ``p.axis`` (one shard of a sequence split over devices) the pre-pass covers the whole
+  shard; the shards' (end state from zero, total decay) pairs are chained across devices
+  (:func:`ssmax.sharding.pass_state`) into the state entering this shard, from which the
+  segments are chained as on one device. The main pass is then the one-device kernel's."""
+  decay = hloc = None
+  if p.axis is not None:
+    from ssmax import sharding  # the model layer's collectives; imported when used
+
+    hloc, dsum = _fwd_call(p, "local", arrays)  # (b, S, np, dp), (b, S, dp)
+    decay = _decays(p, arrays, dsum, p.segments, slice(None))
+    h_shard, d_shard = _fold(decay, hloc)
+    h0t, _ = sharding.pass_state(d_shard, h_shard, p.axis, h0t)
+    decay, hloc = decay[:, :-1], hloc[:, :-1]
+  elif p.segments > 1:
+    hloc, dsum = _fwd_call(p, "local", arrays)
+    decay = _decays(p, arrays, dsum, p.segments, slice(None, -1))
+  if p.segments > 1:
     def step(h, xs):
       dec, loc = xs
       return dec * h + loc, h
@@ -598,6 +629,15 @@ def _forward(p: _Plan, arrays, h0t, save: bool):
     enter = h0t[:, None]
   outs = _fwd_call(p, "main_save" if save else "main", dict(arrays, enter=enter))
   return outs if save else (*outs, None)
+
+
+def _decays(p: _Plan, arrays, dsum, segments: int, which: slice):
+  """exp(A ΣΔ) (b, S', np, dp) of the segments ``which`` of ``segments`` whose ΣΔ is ``dsum``;
+  0 for a segment holding a reset (it passes nothing through it)."""
+  decay = jnp.exp2(arrays["a2t"][None, None] * dsum[:, :, None, :])
+  if p.has_resets:
+    decay = decay * _unbroken(p, arrays["rb"], segments)[:, which, None, None]
+  return decay
 
 
 # ----------------------------------------------------------------------------------------------
@@ -684,16 +724,17 @@ def _lane_sums_mgpu(m, first_offset):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _bwd_local_call(p: _Plan, arrays):
-  """Adjoint over segments 1..S-1 from a zero cotangent at their end: the cotangent of the state
-  entering each (b, S-1, np, dp) and its ΣΔ (b, S-1, dp)."""
+  """Adjoint over segments 1..S-1 (0..S-1 with ``p.axis``) from a zero cotangent at their end:
+  the cotangent of the state entering each (b, S', np, dp) and its ΣΔ (b, S', dp)."""
   n_st, nt, ss = p.state_pad, p.tiles, p.bwd_segments
   per = -(-nt // ss)
+  skip = 0 if p.axis is not None else 1  # segment 0's pre-pass is needed only across devices
   names = ["dt", "dy"] + (["z"] if p.has_z else [])
   bc_names = ["C"] + (["rb"] if p.has_resets else [])
   in_names = names + bc_names + (["bias"] if p.has_bias else []) + ["a2t"]
   f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
   out_names = ["gloc", "dsum"]
-  out_type = (f32(p.batch, ss - 1, n_st, p.dp), f32(p.batch, ss - 1, p.dp))
+  out_type = (f32(p.batch, ss - skip, n_st, p.dp), f32(p.batch, ss - skip, p.dp))
   stages = max(1, min(p.stages, per))
   scratch = _smem(p, arrays, names, bc_names, stages)
 
@@ -703,7 +744,7 @@ def _bwd_local_call(p: _Plan, arrays):
     di, bi, si = lax.axis_index("d"), lax.axis_index("b"), lax.axis_index("s")
     cols = pl.ds(di * BLOCK, BLOCK)
     ring = _Ring(refs, names, bc_names, _groups_of(p, di), refs["bars"], stages, bi, di, cols)
-    seg = si + 1
+    seg = si + skip
     last = jnp.minimum(seg * per + per, nt) - 1
     count = last + 1 - seg * per
     _prologue(count, nt - (ss - 1) * per, stages, lambda i: ring.fetch(last - i, i))
@@ -748,7 +789,7 @@ def _bwd_local_call(p: _Plan, arrays):
       refs["gloc"][bi, si, j, cols] = g[j]
     refs["dsum"][bi, si, cols] = dsum
 
-  call = _kernel(p, "ssm_bwd_local", body, (p.nblk, p.batch, ss - 1), out_type=out_type,
+  call = _kernel(p, "ssm_bwd_local", body, (p.nblk, p.batch, ss - skip), out_type=out_type,
                  scratch_types=scratch)
   return call(*(arrays[k] for k in in_names))
 
@@ -932,23 +973,50 @@ def _bwd_call(p: _Plan, arrays):
 
 
 def _backward(p: _Plan, arrays, states, dy, dlast_t):
+  """With ``p.axis``: each shard's (cotangent entering it from a zero cotangent at its end,
+  total decay) pair is chained across devices, last shard first, into the cotangent at this
+  shard's end; ``dlast_t`` is this shard's share of the last state's cotangent."""
   arrays = dict(arrays, dy=dy)
-  if p.bwd_segments > 1:
+  gend_last = dlast_t
+  decay = gloc = None
+  if p.axis is not None:
+    gloc, dsum = _bwd_local_call(p, arrays)  # (b, S, np, dp), (b, S, dp)
+    decay = _decays(p, arrays, dsum, p.bwd_segments, slice(None))
+    g_shard, d_shard = _fold(decay, gloc, reverse=True)
+    gend_last = _cotangent_at_end(d_shard, g_shard, dlast_t, p.axis)
+    decay, gloc = decay[:, 1:], gloc[:, 1:]
+  elif p.bwd_segments > 1:
     gloc, dsum = _bwd_local_call(p, arrays)
-    decay = jnp.exp2(arrays["a2t"][None, None] * dsum[:, :, None, :])
-    if p.has_resets:
-      decay = decay * _unbroken(p, arrays["rb"], p.bwd_segments)[:, 1:, None, None]
-
+    decay = _decays(p, arrays, dsum, p.bwd_segments, slice(1, None))
+  if p.bwd_segments > 1:
     def step(g, xs):  # g: cotangent at the end of segment s + 1
       dec, loc = xs
       return loc + dec * g, loc + dec * g
 
-    _, before = lax.scan(step, _varying_like(dlast_t, [gloc]),
+    _, before = lax.scan(step, _varying_like(gend_last, [gloc]),
                          (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(gloc, 1, 0)), reverse=True)
-    gend = jnp.concatenate([jnp.moveaxis(before, 0, 1), dlast_t[:, None]], axis=1)
+    gend = jnp.concatenate([jnp.moveaxis(before, 0, 1), gend_last[:, None]], axis=1)
   else:
-    gend = dlast_t[:, None]
-  return _bwd_call(p, dict(arrays, states=states, gend=gend))
+    gend = gend_last[:, None]
+  outs = _bwd_call(p, dict(arrays, states=states, gend=gend))
+  if p.axis is not None:  # the initial state enters the first shard only
+    first = lax.axis_index(p.axis) == 0
+    outs = (*outs[:-1], jnp.where(first, outs[-1], jnp.zeros_like(outs[-1])))
+  return outs
+
+
+def _cotangent_at_end(decay, g_start, dlast, axis: str):
+  """The cotangent of the state at the end of this shard: ``dlast`` plus what the later shards
+  send back (shard j maps the cotangent at its end g to ``decay_j * g + g_start_j``)."""
+  decays, starts, dlasts = (lax.all_gather(x, axis) for x in (decay, g_start, dlast))
+
+  def step(after, xs):  # after: the cotangent entering shard j + 1 at its start
+    dec, g0, dl = xs
+    end = dl + after
+    return dec * end + g0, end
+
+  _, ends = lax.scan(step, jnp.zeros_like(dlast), (decays, starts, dlasts), reverse=True)
+  return ends[lax.axis_index(axis)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -960,7 +1028,7 @@ unsupported_reason = scan_unsupported_reason
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, *,
                    delta_softplus: bool = False, segment_ids=None, config: Config | None = None,
-                   interpret: bool = False):
+                   interpret: bool = False, sequence_axis: str | None = None):
   """Fused selective scan on canonical inputs.
 
   Args:
@@ -978,10 +1046,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
       holding a reset passes no state through it.
     config: optional :class:`Config`.
     interpret: run the kernels in Mosaic GPU's interpreter (CPU; for tests).
+    sequence_axis: inside ``shard_map``, a mesh axis the length is split over (each shard passes
+      its piece): the pre-passes cover whole shards, their totals are chained across devices
+      (an ``all_gather`` of ``(batch, state, channels)`` each way), and each shard's main pass
+      starts from its true entering state, so the work per device is the one-device kernel's on
+      ``length / shards`` tokens. ``initial_state`` feeds the first shard.
 
   Returns:
     ``(y, last_state)``: ``y`` ``(batch, length, channels)`` in ``u.dtype``, ``last_state``
-    ``(batch, channels, state)`` float32. Differentiable in all nine arrays (custom VJP).
+    ``(batch, channels, state)`` float32 (with ``sequence_axis``: the state after the last
+    shard, on every shard). Differentiable in all nine arrays (custom VJP).
   """
   reason = unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state)
   if reason is not None:
@@ -993,9 +1067,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
   config = config or Config()
   p = _make_plan(u, delta, z, B, C, A, D, delta_bias, delta_softplus, interpret, config,
                  resets=segment_ids is not None)
+  p = dataclasses.replace(p, axis=sequence_axis)
   rb = None if segment_ids is None else _reset_bias_array(p, segment_ids)
   scan = _scan_sliced if p.state_pad > MAX_STATE_PER_CALL else _scan
-  return scan(p, u, delta, A, B, C, D, z, delta_bias, initial_state, rb)
+  y, last = scan(p, u, delta, A, B, C, D, z, delta_bias, initial_state, rb)
+  if sequence_axis is not None:
+    from ssmax import sharding
+
+    last = sharding.last_shard(last, sequence_axis)
+  return y, last
 
 
 def _reset_bias_array(p: _Plan, segment_ids):
@@ -1004,7 +1084,12 @@ def _reset_bias_array(p: _Plan, segment_ids):
   if ids.shape != (p.batch, p.length) or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"segment_ids must be ({p.batch}, {p.length}) integers; got "
                      f"{ids.shape} {ids.dtype}")
-  new = jnp.concatenate([jnp.zeros((p.batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+  if p.axis is None:
+    new = jnp.concatenate([jnp.zeros((p.batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+  else:  # position 0 too, where the id differs from the previous shard's last
+    from ssmax.scan import segments
+
+    new = segments.local_resets(ids, p.axis)
   rb = jnp.where(new, -jnp.inf, 0.0).astype(_F32)
   rb = jnp.pad(rb, ((0, 0), (0, p.lp - p.length)))
   return jnp.broadcast_to(rb[:, None, :, None], (p.batch, 1, p.lp, _RESET_COLS))

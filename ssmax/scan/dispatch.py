@@ -78,8 +78,9 @@ def resolve_step(backend) -> Backend:
   return Backend.PALLAS if backend is Backend.PALLAS else Backend.SEQUENTIAL
 
 
-def run(backend: Backend, x: ScanInputs):
-  """One concrete backend on one device: ``y`` (float32 or ``u.dtype``) and the last state."""
+def run(backend: Backend, x: ScanInputs, sequence_axis: str | None = None):
+  """One concrete backend: ``y`` (float32 or ``u.dtype``) and the last state. ``sequence_axis``
+  only with :func:`kernel_splits_sequences`: the fused kernel on one shard of a split length."""
   if backend is Backend.SEQUENTIAL:
     return reference.sequential(x)
   if backend is Backend.ASSOCIATIVE:
@@ -88,4 +89,13 @@ def run(backend: Backend, x: ScanInputs):
 
   return pallas.selective_scan(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias,
                                x.initial_state, delta_softplus=x.delta_softplus,
-                               segment_ids=x.segment_ids, interpret=jax.default_backend() != "gpu")
+                               segment_ids=x.segment_ids, interpret=jax.default_backend() != "gpu",
+                               sequence_axis=sequence_axis)
+
+
+def kernel_splits_sequences() -> bool:
+  """Whether this machine's fused kernel chains shards of a split length itself (Mosaic GPU: yes;
+  the Triton kernel of GPUs before Hopper: no)."""
+  from ssmax import pallas
+
+  return not pallas._uses_triton()

@@ -1,6 +1,7 @@
 """Sequence parallelism: the scan of a length split into contiguous shards along a mesh axis.
 
-The recurrence is linear in the state, so shard ``i`` scans its piece from zero and adds the
+The fused Mosaic GPU kernel does this inside its own pre-pass/combine/main structure. For the
+other backends: the recurrence is linear in the state, so shard ``i`` scans its piece from zero and adds the
 contribution of the state ``h_in`` entering it afterwards::
 
     y_t += Re(C_t · exp(A Σ_{s<=t} Δ_s) h_in) * SiLU(z_t)       (t local to the shard)
@@ -39,13 +40,17 @@ def check_axis(axis) -> None:
 
 
 def scan(backend: dispatch.Backend, x: ScanInputs, axis: str):
-  """This shard's ``y`` (float32) and the global last state, for inputs sharded along ``axis``.
+  """This shard's ``y`` and the global last state, for inputs sharded along ``axis``.
 
-  Rematerialised: the backward pass reruns the shard's scan and keeps only the inputs, since this
-  mode exists for sequences too long to hold more. (It also keeps zero-size intermediates of
-  ``lax.associative_scan`` from becoming residuals across ``shard_map``, which XLA's Shardy
-  partitioner in jax 0.11.2 crashes on.)
+  The fused Mosaic GPU kernel chains the shards itself (its pre-pass gives each shard's total,
+  forward and backward; ``ssmax.pallas``), so a shard costs what the one-device kernel costs on
+  its piece. The other backends scan the piece from zero and add the entering state's
+  contribution below, rematerialised: the backward pass reruns the shard's scan and keeps only
+  the inputs. (That also keeps zero-size intermediates of ``lax.associative_scan`` from becoming
+  residuals across ``shard_map``, which XLA's Shardy partitioner in jax 0.11.2 crashes on.)
   """
+  if backend is dispatch.Backend.PALLAS and dispatch.kernel_splits_sequences():
+    return dispatch.run(backend, x, sequence_axis=axis)
   return jax.checkpoint(lambda x: _scan(backend, x, axis))(x)
 
 
