@@ -15,8 +15,8 @@ from ssmax.scan.inputs import ScanInputs
 class Backend(str, enum.Enum):
   """How the scan runs. Plain strings with these values are accepted everywhere."""
 
-  AUTO = "auto"  # the fused kernel on a GPU when it takes the inputs (not in shard_map yet),
-  # else associative
+  AUTO = "auto"  # the fused kernel on a GPU when it takes the inputs (in shard_map: the Mosaic
+  # GPU kernel only), else associative
   SEQUENTIAL = "sequential"  # lax.scan over time
   ASSOCIATIVE = "associative"  # lax.associative_scan, O(log length) depth
   PALLAS = "pallas"  # the fused kernel of ssmax.pallas (interpret mode off the GPU)
@@ -63,9 +63,9 @@ def resolve(backend, x: ScanInputs) -> Backend:
                        'backend="auto" or "associative"')
     return backend
   on_gpu = jax.default_backend() == "gpu"
-  # Inside shard_map the kernel is typed and checked in Mosaic GPU's interpreter only (one device);
-  # "auto" keeps the associative scan there until a GPU run has checked it. "pallas" runs it.
-  if reason is None and on_gpu and not _inside_shard_map(x):
+  # Inside shard_map: the Mosaic GPU kernel was checked on two H100s (tests/parallel/
+  # test_parallel_gpu.py); the Triton kernel of older GPUs was not, so "auto" keeps associative.
+  if reason is None and on_gpu and (not _inside_shard_map(x) or kernel_splits_sequences()):
     return Backend.PALLAS
   return Backend.ASSOCIATIVE
 
