@@ -107,6 +107,9 @@ class Config:
       that state's two products exist (16 live values instead of 32). Correct on the GPU but no
       faster (H100 130m-train fwd+bwd 1.359 vs 1.327 ms) and slower to lower: off by default.
     num_sms: SMs the cost model fills (default: from the device, else 132).
+    reset_tiles: with ``segment_ids``, the forward branches per tile on whether the tile holds a
+      reset, so that tiles without one skip the reset bias (one float32 add per state and token
+      before each ``exp2``). Checked in the interpreter; not yet timed on a GPU: off by default.
   """
 
   segments: int | None = None
@@ -118,6 +121,7 @@ class Config:
   sub: int | None = None
   early_pair: bool = False
   num_sms: int | None = None
+  reset_tiles: bool = False
 
 
 def _round_up(x, m):
@@ -194,6 +198,7 @@ class _Plan:
   # Sequence parallelism: the mesh axis the length is split over (inside shard_map). The
   # pre-passes then cover every segment, and the shards' totals are chained across devices.
   axis: str | None = None
+  reset_tiles: bool = False  # Config.reset_tiles, with resets only
 
   @property
   def dp(self):
@@ -456,6 +461,11 @@ def _reset_bias(p: _Plan, t_s, t):
   return t_s["rb"][t, 0] if p.has_resets else None
 
 
+def _tile_has_reset(t_s):
+  """Whether the tile in ``t_s`` holds a reset (column 1 of its reset-bias rows)."""
+  return t_s["rb"][0, 1] != 0
+
+
 def _decay(dt, a2j, rb):
   """exp(Δ A) of one state; exactly 0 at a reset, where ``rb`` = -inf. Its derivatives are then 0
   too, so the backward needs nothing more than this decay."""
@@ -526,12 +536,12 @@ def _fwd_call(p: _Plan, mode: str, arrays):
       plgpu.barrier_wait(refs["bars"].at[slot])
       t_s = {name: refs[name + "_s"].at[slot] for name in names + bc_names}
 
-      def token(t, h, dsum):
+      def token(t, h, dsum, resets):
         tok = n * TILE + t
         dt, _ = _delta(p, _vec(t_s["dt"].at[t]), bias, tok)
         uu = _vec(t_s["u"].at[t]).astype(_F32)
         dtu = dt * uu
-        rb = _reset_bias(p, t_s, t)
+        rb = _reset_bias(p, t_s, t) if resets else None
         h = list(h)
         y = dskip * uu if dskip is not None else None
         for j in range(n_st):
@@ -546,13 +556,20 @@ def _fwd_call(p: _Plan, mode: str, arrays):
           return tuple(h), dsum
         return tuple(h), dsum + dt
 
-      def group(i, carry):
-        h, dsum = carry
-        for r in range(unroll):
-          h, dsum = token(i * unroll + r, h, dsum)
-        return h, dsum
+      def tokens(resets, h, dsum):
+        def group(i, carry):
+          h, dsum = carry
+          for r in range(unroll):
+            h, dsum = token(i * unroll + r, h, dsum, resets)
+          return h, dsum
 
-      carry = lax.fori_loop(0, TILE // unroll, group, (h, dsum))
+        return lax.fori_loop(0, TILE // unroll, group, (h, dsum))
+
+      if p.has_resets and p.reset_tiles:  # uniform over the block: every thread takes one branch
+        carry = lax.cond(_tile_has_reset(t_s), functools.partial(tokens, True),
+                         functools.partial(tokens, False), h, dsum)
+      else:
+        carry = tokens(p.has_resets, h, dsum)
       plgpu.commit_smem()  # every thread is done with this slot: refill it
 
       @pl.when(k + stages < count)
@@ -1067,7 +1084,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
   config = config or Config()
   p = _make_plan(u, delta, z, B, C, A, D, delta_bias, delta_softplus, interpret, config,
                  resets=segment_ids is not None)
-  p = dataclasses.replace(p, axis=sequence_axis)
+  p = dataclasses.replace(p, axis=sequence_axis,
+                          reset_tiles=config.reset_tiles and segment_ids is not None)
   rb = None if segment_ids is None else _reset_bias_array(p, segment_ids)
   scan = _scan_sliced if p.state_pad > MAX_STATE_PER_CALL else _scan
   y, last = scan(p, u, delta, A, B, C, D, z, delta_bias, initial_state, rb)
@@ -1079,7 +1097,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
 
 
 def _reset_bias_array(p: _Plan, segment_ids):
-  """``(batch, 1, Lp, 4)`` float32: -inf at each t >= 1 whose id differs from t - 1's, else 0."""
+  """``(batch, 1, Lp, 4)`` float32: in columns 0, 2, 3 -inf at each t >= 1 whose id differs from
+  t - 1's, else 0; in column 1, 1 for every token of a tile that holds such a t, else 0."""
   ids = jnp.asarray(segment_ids)
   if ids.shape != (p.batch, p.length) or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"segment_ids must be ({p.batch}, {p.length}) integers; got "
@@ -1091,8 +1110,11 @@ def _reset_bias_array(p: _Plan, segment_ids):
 
     new = segments.local_resets(ids, p.axis)
   rb = jnp.where(new, -jnp.inf, 0.0).astype(_F32)
-  rb = jnp.pad(rb, ((0, 0), (0, p.lp - p.length)))
-  return jnp.broadcast_to(rb[:, None, :, None], (p.batch, 1, p.lp, _RESET_COLS))
+  rb = jnp.pad(rb, ((0, 0), (0, p.lp - p.length)))  # (b, Lp)
+  has = jnp.any(rb.reshape(p.batch, p.tiles, TILE) != 0, axis=-1)  # (b, tiles)
+  has = jnp.repeat(has.astype(_F32), TILE, axis=1)
+  cols = [rb, has] + [rb] * (_RESET_COLS - 2)  # column 1: whether the token's tile holds a reset
+  return jnp.stack(cols, axis=-1)[:, None]
 
 
 def _prepare(p: _Plan, u, delta, A, B, C, D, z, delta_bias, initial_state, rb):

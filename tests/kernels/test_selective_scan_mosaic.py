@@ -68,11 +68,14 @@ def test_states_beyond_one_kernel_run_as_slices():
   check((1, 40, 8, 20, 2), use=("D", "z", "initial_state"))
 
 
-def test_segment_ids_at_tile_and_segment_edges():
+@pytest.mark.parametrize("reset_tiles", [False, True], ids=["bias", "tile_branch"])
+def test_segment_ids_at_tile_and_segment_edges(reset_tiles):
   # 4 tiles of 32 in segments of 2 tiles (forward and backward): documents of length 1 first and
   # last, boundaries at a tile edge (32), a segment edge (64) and one token past it; the second
-  # row is one document, so its state crosses the segment edges.
-  check((2, 100, 5, 4, 1), config=mosaic.Config(segments=2, bwd_segments=2, stages=2),
+  # row is one document, so its state crosses the segment edges (with reset_tiles its tiles take
+  # the branch without the reset bias, the first row's the one with it).
+  check((2, 100, 5, 4, 1), config=mosaic.Config(segments=2, bwd_segments=2, stages=2,
+                                                reset_tiles=reset_tiles),
         segment_ids=oracle.segment_ids_from_starts(100, [1, 32, 64, 65, 99], []))
 
 
