@@ -2,12 +2,15 @@
 
 * :mod:`benchmarks.harness`: timing, peak memory, OOM handling, tables, the results folders and
   their index.
-* :mod:`benchmarks.lm_sizes`: the LM shapes the generation and training benchmarks share.
+* :mod:`benchmarks.lm_sizes`: the LM shapes the generation and training benchmarks share, and the
+  AdamW training step.
+* :mod:`benchmarks.trace`: profiler traces read into kernels by category (from the compiled HLO).
 * ``python -m benchmarks.bench_scan``: the selective scan, every backend (and the jla peer kernel).
 * ``python -m benchmarks.bench_train``: training-step throughput and peak memory of the 130M LM.
 * ``python -m benchmarks.bench_generate``: generation, Mamba against a Transformer with a KV cache.
 * ``python -m benchmarks.bench_parallel``: one device against N (sequence and data parallel).
 * ``python -m benchmarks.profile_decode``: where a decode step spends its time.
+* ``python -m benchmarks.profile_step``: where a training step and a prefill spend their time.
 
 Results go to ``results/<benchmark>/<date>_<device>/``; ``results/<benchmark>/INDEX.json`` names
 the current run. The kernel's GPU correctness check is ``pytest -m gpu tests/kernels``.

@@ -37,12 +37,10 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
-from flax import nnx
 
 from benchmarks import harness
-from benchmarks.lm_sizes import SIZES, build, param_count, vocab_size
+from benchmarks.lm_sizes import SIZES, train_state, train_step_fn, vocab_size
 from benchmarks.scan_inputs import packed_segment_ids
 from experiments import plotting
 from ssmax import BACKENDS
@@ -74,24 +72,6 @@ flags.DEFINE_string("child", None, "Internal: run one configuration given as JSO
 harness.define_flags(flags)
 
 
-def train_step_fn(graphdef):
-  """A jit-compiled AdamW step on ``(model, optimizer)`` state; returns ``(loss, new state)``."""
-
-  def step(state, tokens, segment_ids=None):
-    model, optimizer = nnx.merge(graphdef, state)
-
-    def loss_fn(m):
-      seg = None if segment_ids is None else segment_ids[:, :-1]
-      logits = m(tokens[:, :-1], segment_ids=seg).astype(jnp.float32)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss, nnx.state((model, optimizer))
-
-  return jax.jit(step, donate_argnums=0)
-
-
 def measure(*, size, backend, batch, length, steps, warmup, dtype, learning_rate,
             packing="plain") -> dict:
   """Times one configuration in this process; returns its row (status "ok", "OOM" or "error")."""
@@ -100,12 +80,8 @@ def measure(*, size, backend, batch, length, steps, warmup, dtype, learning_rate
              platform=jax.default_backend())
 
   def timed() -> dict:
-    model = build("mamba", size, dtype=jnp.dtype(dtype), param_dtype=jnp.float32,
-                  scan_backend=backend)
-    optimizer = nnx.Optimizer(model, optax.adamw(learning_rate), wrt=nnx.Param)
-    params = param_count(model)
-    graphdef, state = nnx.split((model, optimizer))
-    del model, optimizer
+    graphdef, state, params = train_state(size, dtype=jnp.dtype(dtype),
+                                          learning_rate=learning_rate, scan_backend=backend)
     tokens = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, vocab_size(size))
     seg = (packed_segment_ids(jax.random.key(2), batch, length + 1, min(256.0, length / 4))
            if packing == "packed" else None)

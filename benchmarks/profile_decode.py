@@ -26,11 +26,8 @@ Writes ``results/profile_decode/<date>_<device>/profile_decode.{md,json,png,log}
 
 from __future__ import annotations
 
-import collections
 import functools
-import glob
 import re
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +36,7 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
-from benchmarks import harness
+from benchmarks import harness, trace
 from benchmarks.lm_sizes import SIZES, build, mamba_config, param_count
 from experiments import plotting
 from ssmax import pallas as ssmax_pallas
@@ -96,39 +93,14 @@ def decode_loop(model: MambaLM, steps: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# The profiler trace.
-
-
-def device_kernels(fn) -> tuple[list[tuple[str, float, float]], list[str]]:
-  """Runs ``fn()`` under the JAX profiler; returns its GPU kernels ``(name, start_ns, dur_ns)``
-  and the names of the trace's device lines (for the record). Empty off the GPU."""
-  with tempfile.TemporaryDirectory() as tmp:
-    jax.profiler.start_trace(tmp)
-    try:
-      jax.block_until_ready(fn())
-    finally:
-      jax.profiler.stop_trace()
-    paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
-    if not paths:
-      return [], []
-    data = jax.profiler.ProfileData.from_file(paths[0])
-  kernels, lines = [], []
-  for plane in data.planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    for line in plane.lines:
-      lines.append(f"{plane.name}: {line.name}")
-      if not line.name.startswith("Stream"):  # XLA Modules / XLA Ops lines repeat the kernels
-        continue
-      kernels += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
-  return kernels, lines
+# The profiler trace (read by :mod:`benchmarks.trace`).
 
 
 def category(name: str) -> str:
   lower = name.lower()
   if "selective_state_update" in lower:
     return "step kernel"
-  if re.search(r"gemm|gemv|xmma|nvjet|cutlass|cublas|matmul|triton_dot|dot_", lower):
+  if trace.MATMUL_NAME.search(lower):
     return "matmul"
   if re.search(r"memcpy|memset|copy", lower):
     return "copies"
@@ -136,26 +108,9 @@ def category(name: str) -> str:
 
 
 def summarize(kernels, steps: int, top: int) -> dict:
-  """Per-step microseconds by category and the ``top`` kernels by time."""
-  if not kernels:
-    return dict(kernels_per_step=None, busy_us=None, span_us=None, categories_us={}, top=[])
-  per_cat = collections.Counter()
-  per_name = collections.defaultdict(lambda: [0, 0.0])
-  for name, _, dur in kernels:
-    per_cat[category(name)] += dur
-    short = re.sub(r"[._]\d+$", "", name)[:80]
-    per_name[short][0] += 1
-    per_name[short][1] += dur
-  start = min(s for _, s, _ in kernels)
-  end = max(s + d for _, s, d in kernels)
-  busy = sum(d for _, _, d in kernels)
-  cats = {c: per_cat[c] / steps / 1e3 for c in CATEGORIES[:-1]}
-  cats["idle"] = max(0.0, (end - start) - busy) / steps / 1e3
-  ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
-  return dict(kernels_per_step=len(kernels) / steps, busy_us=busy / steps / 1e3,
-              span_us=(end - start) / steps / 1e3, categories_us=cats,
-              top=[dict(name=n, per_step=c / steps, us_per_step=t / steps / 1e3)
-                   for n, (c, t) in ranked])
+  """Per-step microseconds by category (:func:`category`, from the kernel's name) and the ``top``
+  kernels by time."""
+  return trace.summarize(kernels, steps, top, lambda k: (category(k.name), ""), CATEGORIES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +250,7 @@ def run(bench: harness.Run, *, sizes, batches, backends, steps, repeats, dtype, 
         set_step_backend(model, backend)
         loop = decode_loop(model, steps)
         seconds = harness.median_seconds(lambda: loop(cache, token), repeats=repeats)
-        kernels, lines = device_kernels(lambda: loop(cache, token))
+        kernels, lines = trace.device_kernels(lambda: loop(cache, token))
         result["trace_lines"] = sorted(set(result["trace_lines"]) | set(lines))
         row = dict(size=size, params=params, batch=batch, backend=backend,
                    ms_per_step=1e3 * seconds / steps, **summarize(kernels, steps, top))
