@@ -75,6 +75,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from ssmax import sharding
 from ssmax.pallas.common import LOG2E as _LOG2E
 from ssmax.pallas.common import as_arrays, scan_unsupported_reason
 
@@ -624,8 +625,6 @@ def _forward(p: _Plan, arrays, h0t, save: bool):
   segments are chained as on one device. The main pass is then the one-device kernel's."""
   decay = hloc = None
   if p.axis is not None:
-    from ssmax import sharding  # the model layer's collectives; imported when used
-
     hloc, dsum = _fwd_call(p, "local", arrays)  # (b, S, np, dp), (b, S, dp)
     decay = _decays(p, arrays, dsum, p.segments, slice(None))
     h_shard, d_shard = _fold(decay, hloc)
@@ -1090,8 +1089,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
   scan = _scan_sliced if p.state_pad > MAX_STATE_PER_CALL else _scan
   y, last = scan(p, u, delta, A, B, C, D, z, delta_bias, initial_state, rb)
   if sequence_axis is not None:
-    from ssmax import sharding
-
     last = sharding.last_shard(last, sequence_axis)
   return y, last
 
@@ -1103,12 +1100,12 @@ def _reset_bias_array(p: _Plan, segment_ids):
   if ids.shape != (p.batch, p.length) or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"segment_ids must be ({p.batch}, {p.length}) integers; got "
                      f"{ids.shape} {ids.dtype}")
-  if p.axis is None:
-    new = jnp.concatenate([jnp.zeros((p.batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
-  else:  # position 0 too, where the id differs from the previous shard's last
-    from ssmax.scan import segments
-
-    new = segments.local_resets(ids, p.axis)
+  first = jnp.zeros((p.batch, 1), bool)
+  if p.axis is not None:  # position 0 too where the id differs from the previous shard's last
+    # As ssmax.scan.segments.local_resets (a layer above this one).
+    before = sharding.sequence_halo(ids[..., None], 1, p.axis)[:, 0, 0]
+    first = (ids[:, :1] != before[:, None]) & (lax.axis_index(p.axis) > 0)
+  new = jnp.concatenate([first, ids[:, 1:] != ids[:, :-1]], axis=1)
   rb = jnp.where(new, -jnp.inf, 0.0).astype(_F32)
   rb = jnp.pad(rb, ((0, 0), (0, p.lp - p.length)))  # (b, Lp)
   has = jnp.any(rb.reshape(p.batch, p.tiles, TILE) != 0, axis=-1)  # (b, tiles)
