@@ -76,18 +76,22 @@ def local_piece(x: jax.Array, axis_name: str) -> jax.Array:
 
 
 def pass_state(decay: jax.Array, last: jax.Array, axis_name: str,
-               initial_state: jax.Array | None = None):
+               initial_state: jax.Array | None = None, *, reverse: bool = False):
   """State passing for a diagonal linear recurrence whose length is split over ``axis_name``.
 
   Each shard ran its piece from zero state. With ``h_out = decay * h_in + last`` per shard
   (elementwise; ``decay`` the product of the shard's transitions, e.g. ``exp(A ΣΔ)`` or
   ``Ab ** length``), returns the state entering this shard and the state after the whole sequence.
+  With ``reverse`` the recurrence runs from the last shard to the first (an adjoint: a cotangent
+  enters each shard at its end and leaves at its start), ``initial_state`` entering the last.
 
   Args:
     decay: ``(batch, channels, state)`` (any shape) this shard's total transition.
     last: like ``decay``: this shard's final state, started from zero.
     axis_name: the mesh axis the length is split over (bound by an enclosing ``shard_map``).
-    initial_state: optional state before the first shard (zeros if None), same on all shards.
+    initial_state: optional state before the first shard (the last with ``reverse``; zeros if
+      None), same on all shards.
+    reverse: chain the shards last to first.
 
   Returns:
     ``(entering, final)`` in ``last.dtype``; ``final`` is the same on every shard of the axis.
@@ -108,7 +112,7 @@ def pass_state(decay: jax.Array, last: jax.Array, axis_name: str,
     decay, h_shard = shard
     return decay * h_in + h_shard, h_in
 
-  h_last, entering = lax.scan(step, h0, (decays, lasts))
+  h_last, entering = lax.scan(step, h0, (decays, lasts), reverse=reverse)
   index = lax.axis_index(axis_name)
   # Every shard computed the same h_last; selecting shard 0's through psum (adding exact zeros)
   # makes it a value that is replicated along the axis as far as shard_map's checks can see.

@@ -1023,16 +1023,10 @@ def _backward(p: _Plan, arrays, states, dy, dlast_t):
 
 def _cotangent_at_end(decay, g_start, dlast, axis: str):
   """The cotangent of the state at the end of this shard: ``dlast`` plus what the later shards
-  send back (shard j maps the cotangent at its end g to ``decay_j * g + g_start_j``)."""
-  decays, starts, dlasts = (lax.all_gather(x, axis) for x in (decay, g_start, dlast))
-
-  def step(after, xs):  # after: the cotangent entering shard j + 1 at its start
-    dec, g0, dl = xs
-    end = dl + after
-    return dec * end + g0, end
-
-  _, ends = lax.scan(step, jnp.zeros_like(dlast), (decays, starts, dlasts), reverse=True)
-  return ends[lax.axis_index(axis)]
+  send back (shard j maps the cotangent at its end g to ``decay_j * g + g_start_j``, and ``g``
+  there holds its own ``dlast_j``)."""
+  after, _ = sharding.pass_state(decay, g_start + decay * dlast, axis, reverse=True)
+  return dlast + after
 
 
 # ----------------------------------------------------------------------------------------------

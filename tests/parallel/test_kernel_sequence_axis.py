@@ -6,7 +6,8 @@ Several CPU devices cannot run the interpreter at once, so shards are emulated w
 segments inside each shard) against one call and the float64 loop. A custom VJP's backward does
 not see vmap's axis, so the backward is checked on a 1 x 1 mesh inside ``shard_map`` (the whole
 pre-pass of both directions and the chaining run there), and the cross-shard chaining of the
-cotangent on its own over 3 emulated shards against a NumPy loop. The GPU check with two real
+cotangent (through :func:`ssmax.sharding.pass_state` in either direction) on its own over 3
+emulated shards against NumPy loops. The GPU check with two real
 devices is tests/parallel/test_parallel_gpu.py.
 """
 
@@ -17,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from oracle import jax64_scan, random_inputs, rel_err, segment_ids_from_starts
-from ssmax import parallel
+from ssmax import parallel, sharding
 from ssmax.pallas import selective_scan_mosaic as mosaic
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
@@ -93,3 +94,20 @@ def test_cotangent_chains_back_across_shards(rng):
     want[j] = dlast[j] + after
     after = decay[j] * want[j] + g_start[j]
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_pass_state_chains_shards_in_either_direction(rng, reverse):
+  shards, shape = 3, (2, 5, 3)
+  decay, last = (rng.uniform(0.2, 1.0, (shards, *shape)) for _ in range(2))
+  h0 = rng.normal(size=shape)
+  entering, final = jax.vmap(
+      lambda d, l: sharding.pass_state(d, l, "seq", jnp.asarray(h0), reverse=reverse),
+      axis_name="seq")(decay, last)
+  want = np.zeros_like(last)
+  h = h0
+  for j in (reversed(range(shards)) if reverse else range(shards)):
+    want[j] = h
+    h = decay[j] * h + last[j]
+  np.testing.assert_allclose(entering, want, rtol=1e-6)
+  np.testing.assert_allclose(final, np.broadcast_to(h, final.shape), rtol=1e-6)
