@@ -257,10 +257,10 @@ class MambaMixer(nnx.Module):
 
   def _conv(self, history, window=None):
     """The depthwise causal convolution as ``d_conv`` shifted multiply-adds (one fusion with the
-    SiLU after it; XLA's grouped convolution with ``d_inner`` groups was ~57 ms of a 135 ms 130M
-    training step on an H100). ``history`` ``(b, l + d_conv - 1, d_inner)``; ``window`` ``(b, l,
+    SiLU after it; with XLA's grouped convolution of ``d_inner`` groups the 130M training step took
+    135.4 ms on an H100, with these 86.0 ms). ``history`` ``(b, l + d_conv - 1, d_inner)``; ``window`` ``(b, l,
     d_conv)`` bool or None: which inputs of each output's window count (packed documents).
-    Returns ``(b, l, d_inner)`` in the compute dtype, summed in float32 (free in one fusion)."""
+    Returns ``(b, l, d_inner)`` in the compute dtype, summed in float32."""
     l = history.shape[1] - self.d_conv + 1
     f32 = jnp.promote_types(self.dtype, jnp.float32)
     kernel = self.conv1d.kernel[...][:, 0, :].astype(self.dtype).astype(f32)  # (d_conv, d_inner)

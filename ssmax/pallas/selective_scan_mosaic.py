@@ -199,7 +199,7 @@ class _Plan:
   # Sequence parallelism: the mesh axis the length is split over (inside shard_map). The
   # pre-passes then cover every segment, and the shards' totals are chained across devices.
   axis: str | None = None
-  reset_tiles: bool = False  # Config.reset_tiles, with resets only
+  reset_tiles: bool = False  # Config.reset_tiles (used with has_resets only)
 
   @property
   def dp(self):
@@ -1077,8 +1077,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
   config = config or Config()
   p = _make_plan(u, delta, z, B, C, A, D, delta_bias, delta_softplus, interpret, config,
                  resets=segment_ids is not None)
-  p = dataclasses.replace(p, axis=sequence_axis,
-                          reset_tiles=config.reset_tiles and segment_ids is not None)
+  p = dataclasses.replace(p, axis=sequence_axis, reset_tiles=config.reset_tiles)
   rb = None if segment_ids is None else _reset_bias_array(p, segment_ids)
   scan = _scan_sliced if p.state_pad > MAX_STATE_PER_CALL else _scan
   y, last = scan(p, u, delta, A, B, C, D, z, delta_bias, initial_state, rb)
