@@ -16,7 +16,7 @@ Three measurements, each on 1 device and on N (``--devices``, default all):
    ``shard_map`` by :func:`ssmax.parallel.value_and_grad`. The speed-up is tokens/s over the
    one-device row's.
 3. The longest sequence whose training step fits at batch 1: doubling from ``--search_start``
-   until the step runs out of memory (or reaches ``--search_max``), then bisecting down to
+   times the devices until the step runs out of memory (or reaches ``--search_max``), bisecting to
    ``--search_granularity`` tokens; on one device and sequence-parallel on N.
 
 Times are medians of ``--repeats`` runs after a warm-up (compilation excluded). A row that runs
@@ -64,6 +64,9 @@ flags.DEFINE_integer("search_start", None, "First length tried; default 8192 (ti
 flags.DEFINE_integer("search_max", None, "Longest length tried; default 1048576 (tiny: 32).")
 flags.DEFINE_integer("search_granularity", None, "Bisection stops at this many tokens; default "
                      "4096 (tiny: 16). A multiple of N.")
+flags.DEFINE_list("fit_devices", None, "Device counts the fit part measures; default 1 and N.")
+flags.DEFINE_list("fit_lengths", None, "Instead of searching, try only these lengths (e.g. N times "
+                  "the one-device result, to check a ratio within one call).")
 harness.define_flags(flags)
 
 
@@ -90,9 +93,10 @@ def settings() -> Settings:
                   pick(FLAGS.search_granularity, 4096, 16))
 
 
-def timed_ms(fn, *args, repeats: int) -> float:
-  """Median ms of ``fn(*args)`` after two warm-up calls (the first compiles)."""
-  return 1e3 * harness.median_seconds(lambda: fn(*args), repeats=repeats)
+def timed_ms(fn, *args, repeats: int, inner: int = 1) -> float:
+  """Median ms of ``fn(*args)`` after two warm-up calls (the first compiles); ``inner`` calls are
+  enqueued per measurement (for millisecond kernels: hides the host's dispatch gaps)."""
+  return 1e3 * harness.median_seconds(lambda: fn(*args), repeats=repeats, inner=inner)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,8 +133,8 @@ def scan_row(s: Settings, devices: int, dtype) -> dict:
     along_length = {k: arrays[k] for k in ("u", "delta", "B", "C", "z")}
     placed = dict(parallel.shard_batch(mesh, along_length, data_axis=None),
                   **parallel.replicate(mesh, {k: arrays[k] for k in ("A", "D", "delta_bias")}))
-  return dict(fwd_ms=timed_ms(fwd, placed, repeats=FLAGS.repeats),
-              fwd_bwd_ms=timed_ms(fwd_bwd, placed, repeats=FLAGS.repeats))
+  return dict(fwd_ms=timed_ms(fwd, placed, repeats=FLAGS.repeats, inner=5),
+              fwd_bwd_ms=timed_ms(fwd_bwd, placed, repeats=FLAGS.repeats, inner=5))
 
 
 def bench_scan(s: Settings, n: int, dtype, log) -> list[dict]:
@@ -216,17 +220,19 @@ def bench_train(s: Settings, n: int, dtype, log) -> list[dict]:
 # 3. The longest sequence that fits.
 
 
-def fits(s: Settings, devices: int, length: int, dtype) -> bool:
+def fits(s: Settings, devices: int, length: int, dtype, log=print) -> bool:
   """Whether a batch-1 training step runs: plain on one device, sequence-parallel on several."""
   try:
     run_train(s, devices, "data" if devices == 1 else "seq", 1, length, dtype, repeats=1)
-    return True
+    ok = True
   except jax.errors.JaxRuntimeError as err:
     if not harness.is_oom(err):
       raise
-    return False
+    ok = False
   finally:
     jax.clear_caches()
+  log(f"fit: {devices} device(s), length {length}: {'fits' if ok else 'out of memory'}")
+  return ok
 
 
 def longest_fit(fits: Callable[[int], bool], start: int, cap: int, granularity: int) -> dict:
@@ -254,6 +260,16 @@ def longest_fit(fits: Callable[[int], bool], start: int, cap: int, granularity: 
     ok, bad = (mid, bad) if tried[mid] else (ok, mid)
   return dict(longest=ok or None, first_failure=bad, capped=bad is None,
               tried={str(k): v for k, v in sorted(tried.items())})
+
+
+def tried_lengths(fits: Callable[[int], bool], lengths: list[int]) -> dict:
+  """``longest_fit``'s record for the given lengths only: the longest that fit and the shortest
+  that failed among them (``capped`` when none failed)."""
+  tried = {length: fits(length) for length in sorted(lengths)}
+  ok = [length for length, fit in tried.items() if fit]
+  bad = [length for length, fit in tried.items() if not fit]
+  return dict(longest=max(ok, default=None), first_failure=min(bad, default=None),
+              capped=not bad, tried={str(k): v for k, v in tried.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,11 +303,14 @@ def main(argv):
     elif part == "train":
       bench.record["train"] = bench_train(s, n, dtype, bench.log)
     else:
-      for k in (1, n):
-        fit = harness.attempt(lambda k=k: longest_fit(
-            lambda length: fits(s, k, length, dtype), s.search_start, s.search_max,
-            s.search_granularity), bench.log)
-        bench.record["longest_fit"].append(dict(devices=k, **fit))
+      for k in [int(k) for k in FLAGS.fit_devices or (1, n)]:
+        fit_k = lambda length, k=k: fits(s, k, length, dtype, bench.log)
+        if FLAGS.fit_lengths:
+          search = lambda f=fit_k: tried_lengths(f, [int(x) for x in FLAGS.fit_lengths])
+        else:
+          search = lambda f=fit_k, k=k: longest_fit(f, s.search_start * k, s.search_max,
+                                                    s.search_granularity)
+        bench.record["longest_fit"].append(dict(devices=k, **harness.attempt(search, bench.log)))
     text = tables(bench.record)
     bench.save(text)
     bench.log(text)
@@ -335,7 +354,7 @@ def tables(r: dict) -> str:
          for x in train_rows]))
   if fit_rows:
     parts.append(f"\nLongest training sequence at batch 1 (sequence-parallel on N; doubling from "
-                 f"{s.search_start}, bisecting to {s.search_granularity}, cap {s.search_max})\n")
+                 f"{s.search_start} × devices, bisecting to {s.search_granularity}, cap {s.search_max})\n")
     parts.append(plotting.markdown_table(
         ["devices", "longest that fits", "first that failed", "vs 1 device"],
         [[x["devices"], x.get("longest") if x["status"] == "ok" else x["status"],
@@ -343,7 +362,7 @@ def tables(r: dict) -> str:
           if x["status"] == "ok" else "-",
           f"{x['longest'] / fit_rows[0]['longest']:.2f}x"
           if x["status"] == fit_rows[0]["status"] == "ok" and x.get("longest")
-          and fit_rows[0].get("longest") else "-"]
+          and fit_rows[0].get("longest") and fit_rows[0]["devices"] == 1 else "-"]
          for x in fit_rows]))
   return "\n".join(parts)
 

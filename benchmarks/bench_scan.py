@@ -21,7 +21,8 @@ tokens), to compare the scan of packed documents with the plain one.
 
 ``--configs`` additionally times blockings of the fused kernel through ``ssmax.pallas`` directly:
 each ``name:key=value,...`` goes to ``ssmax.pallas.Config(key=value, ...)`` as given, e.g.
-``--configs='c8:chunk=8;c16:chunk=16,bwd_num_warps=8'``.
+``--configs='s8:segments=8;rt:reset_tiles=true'``; with ``--packed`` each also gets a
+``pallas[name]+segments`` row.
 
 Writes ``results/bench_scan/<date>_<device>/bench_scan.{json,md,log}`` (see :mod:`benchmarks.harness`).
 """
@@ -95,7 +96,8 @@ def scan_fn(backend, names, static, config=None):
       y, _ = ssmax.pallas.selective_scan(
           x["u"], x["delta"], x["A"], groups(x["B"]), groups(x["C"]), x.get("D"), x.get("z"),
           x.get("delta_bias"), x.get("initial_state"), delta_softplus=static["delta_softplus"],
-          config=config, interpret=jax.default_backend() != "gpu")
+          segment_ids=x.get("segment_ids"), config=config,
+          interpret=jax.default_backend() != "gpu")
       return y
   return run
 
@@ -147,9 +149,10 @@ def main(argv):
   if FLAGS.packed:
     cells += [(s, be, f"{be}+segments", None, FLAGS.modes) for s in FLAGS.shapes
               for be in FLAGS.backends if be != "jla"]
-  for name, kv in harness.parse_configs(FLAGS.configs):
-    cells += [(s, "pallas", f"pallas[{name}]", kv, FLAGS.config_modes or FLAGS.modes)
-              for s in (FLAGS.config_shapes or FLAGS.shapes)]
+  for name, kv in harness.parse_configs(FLAGS.configs):  # with --packed: with segment_ids too
+    cells += [(s, "pallas", f"pallas[{name}]{seg}", kv, FLAGS.config_modes or FLAGS.modes)
+              for s in (FLAGS.config_shapes or FLAGS.shapes)
+              for seg in ([""] + (["+segments"] if FLAGS.packed else []))]
   for shape, backend, label, kv, modes in cells:
     kw = make_inputs(jax.random.PRNGKey(1), *SHAPES[shape], jnp.bfloat16)
     if label.endswith("+segments"):

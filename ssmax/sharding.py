@@ -112,7 +112,7 @@ def pass_state(decay: jax.Array, last: jax.Array, axis_name: str,
     decay, h_shard = shard
     return decay * h_in + h_shard, h_in
 
-  h_last, entering = lax.scan(step, h0, (decays, lasts), reverse=reverse)
+  h_last, entering = lax.scan(step, h0, (decays, lasts), reverse=reverse, unroll=True)
   index = lax.axis_index(axis_name)
   # Every shard computed the same h_last; selecting shard 0's through psum (adding exact zeros)
   # makes it a value that is replicated along the axis as far as shard_map's checks can see.

@@ -604,7 +604,11 @@ def _unbroken(p: _Plan, rb, segments: int):
 
 def _fold(decay, loc, reverse: bool = False):
   """Chains segments ``h -> decay_s * h + loc_s`` from a zero state (last segment first with
-  ``reverse``): the total ``(state, decay)`` of the run of segments, each (b, np, dp)."""
+  ``reverse``): the total ``(state, decay)`` of the run of segments, each (b, np, dp).
+
+  This and the other chains over segments are unrolled: a few dozen elementwise steps at most,
+  which as an XLA while loop cost 0.1-0.4 ms of per-iteration launches per call (H100, long-32k,
+  results/bench_parallel/2026-11-26_h100x2_unrolled)."""
   def step(carry, xs):
     h, total = carry
     dec, lo = xs
@@ -612,7 +616,7 @@ def _fold(decay, loc, reverse: bool = False):
 
   init = (jnp.zeros_like(loc[:, 0]), jnp.ones_like(decay[:, 0]))
   (h, total), _ = lax.scan(step, init, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(loc, 1, 0)),
-                           reverse=reverse)
+                           reverse=reverse, unroll=True)
   return h, total
 
 
@@ -639,7 +643,7 @@ def _forward(p: _Plan, arrays, h0t, save: bool):
       return dec * h + loc, h
 
     last, enter = lax.scan(step, _varying_like(h0t, [hloc]),
-                           (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(hloc, 1, 0)))
+                           (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(hloc, 1, 0)), unroll=True)
     enter = jnp.concatenate([jnp.moveaxis(enter, 0, 1), last[:, None]], axis=1)
   else:
     enter = h0t[:, None]
@@ -1010,7 +1014,8 @@ def _backward(p: _Plan, arrays, states, dy, dlast_t):
       return loc + dec * g, loc + dec * g
 
     _, before = lax.scan(step, _varying_like(gend_last, [gloc]),
-                         (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(gloc, 1, 0)), reverse=True)
+                         (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(gloc, 1, 0)), reverse=True,
+                         unroll=True)
     gend = jnp.concatenate([jnp.moveaxis(before, 0, 1), gend_last[:, None]], axis=1)
   else:
     gend = gend_last[:, None]

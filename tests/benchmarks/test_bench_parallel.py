@@ -31,6 +31,14 @@ def test_longest_fit_at_the_cap_and_never():
   assert never["longest"] is None and never["first_failure"] == 256
 
 
+def test_tried_lengths_records_the_longest_fit_and_first_failure_among_them():
+  got = bench_parallel.tried_lengths(lambda n: n <= 150000, [163840, 147456, 73728])
+  assert got["longest"] == 147456 and got["first_failure"] == 163840 and not got["capped"]
+  assert list(got["tried"]) == ["73728", "147456", "163840"]
+  every = bench_parallel.tried_lengths(lambda n: True, [147456])
+  assert every["longest"] == 147456 and every["first_failure"] is None and every["capped"]
+
+
 def test_tables_show_failed_rows_and_leave_their_ratios_out():
   settings = bench_parallel.Settings((1, 64, 8, 4), 2, 32, "tiny", 16, 32, 16)
   ok = dict(status="ok", step_ms=10.0, tokens_per_s=6400.0)

@@ -20,3 +20,13 @@ def test_bench_scan_tiny(run_script):
   assert bad["config"] == {"no_such_field": 1}
   table = (run_dir / "bench_scan.md").read_text()
   assert "| tiny | associative |" in table and "| tiny | pallas[bad] |" in table
+
+
+def test_bench_scan_packed_configs_get_rows_with_segment_ids(run_script):
+  # A config row with --packed also runs with segment_ids (the kernel in the interpreter).
+  _, _, report = run_script("benchmarks.bench_scan", "--backends=associative", "--packed",
+                            "--modes=fwd", "--configs=rt:reset_tiles=true")
+  rows = {r["backend"]: r for r in report["rows"]}
+  assert set(rows) == {"associative", "associative+segments", "pallas[rt]", "pallas[rt]+segments"}
+  assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows.values())
+  assert rows["pallas[rt]+segments"]["config"] == {"reset_tiles": True}
