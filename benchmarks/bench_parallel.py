@@ -269,7 +269,7 @@ def tried_lengths(fits: Callable[[int], bool], lengths: list[int]) -> dict:
   ok = [length for length, fit in tried.items() if fit]
   bad = [length for length, fit in tried.items() if not fit]
   return dict(longest=max(ok, default=None), first_failure=min(bad, default=None),
-              capped=not bad, tried={str(k): v for k, v in tried.items()})
+              capped=not bad, tried={str(k): v for k, v in tried.items()}, probed=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,12 +353,15 @@ def tables(r: dict) -> str:
           _cell(x, "tokens_per_s", ",.0f"), _ratio(train_rows[0], x, "tokens_per_s", True)]
          for x in train_rows]))
   if fit_rows:
-    parts.append(f"\nLongest training sequence at batch 1 (sequence-parallel on N; doubling from "
-                 f"{s.search_start} × devices, bisecting to {s.search_granularity}, cap {s.search_max})\n")
+    how = ("only the lengths given were tried" if any(x.get("probed") for x in fit_rows) else
+           f"doubling from {s.search_start} × devices, bisecting to {s.search_granularity}, "
+           f"cap {s.search_max}")
+    parts.append(f"\nLongest training sequence at batch 1 (sequence-parallel on N; {how})\n")
     parts.append(plotting.markdown_table(
         ["devices", "longest that fits", "first that failed", "vs 1 device"],
         [[x["devices"], x.get("longest") if x["status"] == "ok" else x["status"],
-          ("none up to the cap" if x["capped"] else x["first_failure"])
+          (("none tried" if x.get("probed") else "none up to the cap") if x["capped"]
+           else x["first_failure"])
           if x["status"] == "ok" else "-",
           f"{x['longest'] / fit_rows[0]['longest']:.2f}x"
           if x["status"] == fit_rows[0]["status"] == "ok" and x.get("longest")

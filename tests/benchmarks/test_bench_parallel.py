@@ -37,6 +37,11 @@ def test_tried_lengths_records_the_longest_fit_and_first_failure_among_them():
   assert list(got["tried"]) == ["73728", "147456", "163840"]
   every = bench_parallel.tried_lengths(lambda n: True, [147456])
   assert every["longest"] == 147456 and every["first_failure"] is None and every["capped"]
+  settings = bench_parallel.Settings((1, 64, 8, 4), 2, 32, "tiny", 16, 32, 16)
+  record = dict(settings=vars(settings), dtype="bfloat16", backend="pallas", device="GPU",
+                scan=[], train=[], longest_fit=[dict(devices=2, status="ok", **every)])
+  text = bench_parallel.tables(record)
+  assert "only the lengths given were tried" in text and "| 2 | 147456 | none tried | - |" in text
 
 
 def test_tables_show_failed_rows_and_leave_their_ratios_out():
