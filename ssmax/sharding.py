@@ -120,6 +120,34 @@ def pass_state(decay: jax.Array, last: jax.Array, axis_name: str,
   return entering[index], h_last
 
 
+def segment_starts(segment_ids: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """Where a new packed document starts in this piece of a sequence: ``(batch, length)`` bool,
+  True where the id differs from the one before it.
+
+  Position 0 counts under ``axis_name`` when its id differs from the previous shard's last (one
+  ``ppermute``), but never on the first shard (where a carried ``initial_state`` applies), nor
+  without ``axis_name``.
+
+  Args:
+    segment_ids: ``(batch, length)`` integer ids of this shard's piece, ``length >= 1``.
+    axis_name: optional mesh axis the length is split over (bound by an enclosing
+      ``shard_map``).
+
+  Raises:
+    ValueError: on a bad rank or dtype, an empty piece or an unbound axis.
+  """
+  _checks.rank("segment_ids", segment_ids, 2, "(batch, length)")
+  if not jnp.issubdtype(_checks.dtype_of(segment_ids, "segment_ids"), jnp.integer):
+    raise ValueError(f"segment_ids must be integers; got {_checks.dtype_of(segment_ids)}")
+  if segment_ids.shape[1] < 1:
+    raise ValueError(f"segment_ids must hold at least one position; got {segment_ids.shape}")
+  first = jnp.zeros_like(segment_ids[:, :1], dtype=bool)
+  if axis_name is not None:
+    before = sequence_halo(segment_ids[..., None], 1, axis_name)[:, 0, 0]
+    first = (segment_ids[:, :1] != before[:, None]) & (lax.axis_index(axis_name) > 0)
+  return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
 def last_shard(x, axis_name: str):
   """The value ``x`` has on the last shard of ``axis_name``, on every shard (a pytree works).
 

@@ -258,8 +258,9 @@ class MambaMixer(nnx.Module):
   def _conv(self, history, window=None):
     """The depthwise causal convolution as ``d_conv`` shifted multiply-adds (one fusion with the
     SiLU after it; with XLA's grouped convolution of ``d_inner`` groups the 130M training step took
-    135.4 ms on an H100, with these 86.0 ms). ``history`` ``(b, l + d_conv - 1, d_inner)``; ``window`` ``(b, l,
-    d_conv)`` bool or None: which inputs of each output's window count (packed documents).
+    135.4 ms on an H100, with these 86.0 ms). ``history`` ``(b, l + d_conv - 1, d_inner)``;
+    ``window`` ``(b, l, d_conv)`` bool or None: which inputs of each output's window count (packed
+    documents).
     Returns ``(b, l, d_inner)`` in the compute dtype, summed in float32."""
     l = history.shape[1] - self.d_conv + 1
     f32 = jnp.promote_types(self.dtype, jnp.float32)

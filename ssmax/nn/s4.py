@@ -192,7 +192,7 @@ class S4DLayer(nnx.Module):
     Ab, Bb, C = self.discrete()
     u32 = u.astype(jnp.float32)
     cdt = self.init_state(1).dtype
-    resets = segments.local_resets(segment_ids, self.sequence_axis)
+    resets = sharding.segment_starts(segment_ids, self.sequence_axis)
     keep = jnp.where(resets, 0.0, 1.0)
     decay = Ab[None, None] * keep[..., None, None].astype(Ab.dtype)  # (b, l, H, M)
     drive = Bb * u32[..., None].astype(Bb.dtype)

@@ -88,6 +88,9 @@ _F32 = jnp.float32
 _NEG = float(np.finfo(np.float32).min)
 _VEC = plgpu.Layout.WG_STRIDED((BLOCK,), vec_size=1)  # thread i holds channel i
 _RESET_COLS = 4  # the reset bias travels as (TILE, 4) float32 tiles: TMA rows of 16 bytes
+# Segments chained per loop iteration between the passes: the cost model picks at most 2 CTAs per
+# SM in all (16-22 segments at long-32k: fully unrolled), but Config.segments may ask for hundreds.
+_CHAIN_UNROLL = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -606,9 +609,9 @@ def _fold(decay, loc, reverse: bool = False):
   """Chains segments ``h -> decay_s * h + loc_s`` from a zero state (last segment first with
   ``reverse``): the total ``(state, decay)`` of the run of segments, each (b, np, dp).
 
-  This and the other chains over segments are unrolled: a few dozen elementwise steps at most,
-  which as an XLA while loop cost 0.1-0.4 ms of per-iteration launches per call (H100, long-32k,
-  results/bench_parallel/2026-11-26_h100x2_unrolled)."""
+  This and the other chains over segments run ``_CHAIN_UNROLL`` steps per loop iteration: as an
+  XLA while loop of one step each they cost 0.1-0.4 ms of per-iteration launches per call (H100,
+  long-32k, 16-22 segments; results/bench_parallel/2026-11-26_h100x2_unrolled)."""
   def step(carry, xs):
     h, total = carry
     dec, lo = xs
@@ -616,7 +619,7 @@ def _fold(decay, loc, reverse: bool = False):
 
   init = (jnp.zeros_like(loc[:, 0]), jnp.ones_like(decay[:, 0]))
   (h, total), _ = lax.scan(step, init, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(loc, 1, 0)),
-                           reverse=reverse, unroll=True)
+                           reverse=reverse, unroll=_CHAIN_UNROLL)
   return h, total
 
 
@@ -643,7 +646,7 @@ def _forward(p: _Plan, arrays, h0t, save: bool):
       return dec * h + loc, h
 
     last, enter = lax.scan(step, _varying_like(h0t, [hloc]),
-                           (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(hloc, 1, 0)), unroll=True)
+                           (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(hloc, 1, 0)), unroll=_CHAIN_UNROLL)
     enter = jnp.concatenate([jnp.moveaxis(enter, 0, 1), last[:, None]], axis=1)
   else:
     enter = h0t[:, None]
@@ -1015,7 +1018,7 @@ def _backward(p: _Plan, arrays, states, dy, dlast_t):
 
     _, before = lax.scan(step, _varying_like(gend_last, [gloc]),
                          (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(gloc, 1, 0)), reverse=True,
-                         unroll=True)
+                         unroll=_CHAIN_UNROLL)
     gend = jnp.concatenate([jnp.moveaxis(before, 0, 1), gend_last[:, None]], axis=1)
   else:
     gend = gend_last[:, None]
@@ -1092,18 +1095,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
 
 
 def _reset_bias_array(p: _Plan, segment_ids):
-  """``(batch, 1, Lp, 4)`` float32: in columns 0, 2, 3 -inf at each t >= 1 whose id differs from
-  t - 1's, else 0; in column 1, 1 for every token of a tile that holds such a t, else 0."""
+  """``(batch, 1, Lp, 4)`` float32: in columns 0, 2, 3 -inf where a document starts
+  (:func:`ssmax.sharding.segment_starts`: t >= 1 whose id differs from t - 1's; t = 0 too on a
+  later shard under ``p.axis``), else 0; in column 1, 1 for every token of a tile that holds
+  one, else 0."""
   ids = jnp.asarray(segment_ids)
   if ids.shape != (p.batch, p.length) or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"segment_ids must be ({p.batch}, {p.length}) integers; got "
                      f"{ids.shape} {ids.dtype}")
-  first = jnp.zeros((p.batch, 1), bool)
-  if p.axis is not None:  # position 0 too where the id differs from the previous shard's last
-    # As ssmax.scan.segments.local_resets (a layer above this one).
-    before = sharding.sequence_halo(ids[..., None], 1, p.axis)[:, 0, 0]
-    first = (ids[:, :1] != before[:, None]) & (lax.axis_index(p.axis) > 0)
-  new = jnp.concatenate([first, ids[:, 1:] != ids[:, :-1]], axis=1)
+  new = sharding.segment_starts(ids, p.axis)
   rb = jnp.where(new, -jnp.inf, 0.0).astype(_F32)
   rb = jnp.pad(rb, ((0, 0), (0, p.lp - p.length)))  # (b, Lp)
   has = jnp.any(rb.reshape(p.batch, p.tiles, TILE) != 0, axis=-1)  # (b, tiles)

@@ -58,20 +58,6 @@ def window_mask(segment_ids: jax.Array, width: int, left_ids: jax.Array | None =
   return windows == index[:, width - 1:, None]
 
 
-def local_resets(segment_ids: jax.Array, axis_name: str | None = None) -> jax.Array:
-  """:func:`resets` of this device's piece of a sequence split over ``axis_name``.
-
-  Position 0 of a shard is a reset when its id differs from the last id of the shard before
-  (one ``ppermute``); never on the first shard, where ``initial_state`` applies. Without
-  ``axis_name`` it is :func:`resets`.
-  """
-  if axis_name is None:
-    return resets(segment_ids)
-  before = sharding.sequence_halo(segment_ids[..., None], 1, axis_name)[:, 0, 0]
-  r = resets(segment_ids, before)
-  return r.at[:, 0].set(r[:, 0] & (lax.axis_index(axis_name) > 0))
-
-
 def left_ids(segment_ids: jax.Array, width: int, axis_name: str | None = None) -> jax.Array:
   """``(batch, width)`` ids of the ``width`` positions before this piece: the previous shard's
   last ones under ``axis_name`` (but on the first shard), else a continuation of the first

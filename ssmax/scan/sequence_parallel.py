@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ssmax import sharding
-from ssmax.scan import dispatch, reference, segments
+from ssmax.scan import dispatch, reference
 from ssmax.scan.inputs import ScanInputs
 
 
@@ -67,7 +67,7 @@ def _scan(backend: dispatch.Backend, x: ScanInputs, axis: str):
   decay_total = jnp.exp(dt_cum[:, -1, :, None] * A)  # (b, d, n)
   reach = None  # (b, l) float32: 1 before the shard's first boundary, then 0
   if x.segment_ids is not None:
-    resets = segments.local_resets(x.segment_ids, axis)  # shard 0: initial_state applies
+    resets = sharding.segment_starts(x.segment_ids, axis)  # shard 0: initial_state applies
     reach = (jnp.cumsum(resets, axis=1) == 0).astype(jnp.float32)
     decay_total = decay_total * reach[:, -1, None, None]
   h_in, h_last = sharding.pass_state(decay_total, h_local, axis, x.initial_state)

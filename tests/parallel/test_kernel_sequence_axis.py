@@ -111,3 +111,31 @@ def test_pass_state_chains_shards_in_either_direction(rng, reverse):
     h = decay[j] * h + last[j]
   np.testing.assert_allclose(entering, want, rtol=1e-6)
   np.testing.assert_allclose(final, np.broadcast_to(h, final.shape), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_segment_starts_over_emulated_shards_against_a_loop(rng, shards):
+  # Odd sizes; documents that start at a shard edge, cross one, and have length 1.
+  b, l = 2, 7
+  ids = np.cumsum(rng.uniform(size=(b, shards * l)) < 0.3, axis=1).astype(np.int32)
+  if shards > 1:
+    ids[0, l:] += 5  # a document starts at the first edge
+    ids[1, l - 1:l + 1] = ids[1, l - 2]  # one continues across it
+    ids[1, l + 1:] = np.maximum(ids[1, l + 1:], ids[1, l])
+  want = np.zeros(ids.shape, bool)
+  for r in range(b):
+    for t in range(1, ids.shape[1]):
+      want[r, t] = ids[r, t] != ids[r, t - 1]
+  pieces = jnp.asarray(ids.reshape(b, shards, l).transpose(1, 0, 2))
+  got = jax.vmap(lambda x: sharding.segment_starts(x, "seq"), axis_name="seq")(pieces)
+  np.testing.assert_array_equal(np.asarray(got).transpose(1, 0, 2).reshape(b, -1), want)
+  np.testing.assert_array_equal(sharding.segment_starts(jnp.asarray(ids)), want)  # no axis
+
+
+def test_segment_starts_rejects_bad_ids():
+  with pytest.raises(ValueError, match="segment_ids must be integers"):
+    sharding.segment_starts(jnp.zeros((2, 5)))
+  with pytest.raises(ValueError, match="segment_ids"):
+    sharding.segment_starts(jnp.zeros((2, 5, 1), jnp.int32))
+  with pytest.raises(ValueError, match="at least one position"):
+    sharding.segment_starts(jnp.zeros((2, 0), jnp.int32))
