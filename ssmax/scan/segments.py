@@ -19,18 +19,15 @@ from jax import lax
 from ssmax import _checks, sharding
 
 
-def resets(segment_ids: jax.Array, previous: jax.Array | None = None) -> jax.Array:
-  """Where a new segment starts: ``(batch, length)`` bool, True at ``t`` when
-  ``segment_ids[:, t] != segment_ids[:, t - 1]``.
+def resets(segment_ids: jax.Array) -> jax.Array:
+  """Where a new segment starts: ``(batch, length)`` bool, True at ``t >= 1`` when
+  ``segment_ids[:, t] != segment_ids[:, t - 1]`` (position 0 never: a carried state belongs to the
+  row's first document). :func:`ssmax.sharding.segment_starts` on one device.
 
   Args:
-    segment_ids: ``(batch, length)`` integer ids.
-    previous: optional ``(batch,)`` id of the position before the first (e.g. the end of the
-      previous shard of a sequence split over devices); position 0 is never a reset without it.
+    segment_ids: ``(batch, length)`` integer ids, ``length >= 1``.
   """
-  first = (jnp.zeros_like(segment_ids[:, :1], dtype=bool) if previous is None
-           else (segment_ids[:, :1] != previous[:, None]))
-  return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return sharding.segment_starts(segment_ids)
 
 
 def window_mask(segment_ids: jax.Array, width: int, left_ids: jax.Array | None = None) -> jax.Array:
