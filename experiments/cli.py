@@ -41,19 +41,40 @@ class Preset:
   # Training steps per compiled call (a loop on the device when > 1); divides log_every and
   # eval_every. See train.TrainConfig.steps_per_call.
   steps_per_call: int = dataclasses.field(default=1, kw_only=True)
+  # The learning rate's shape over the run (train.TrainConfig.lr_schedule, warmup_steps).
+  lr_schedule: str = dataclasses.field(default="constant", kw_only=True)
+  warmup_steps: int = dataclasses.field(default=0, kw_only=True)
+  # Per-model exceptions to learning_rate and steps, as (model, value) pairs: the paper trains its
+  # attention baselines at another rate, and for longer, than Mamba.
+  model_learning_rates: tuple[tuple[str, float], ...] = dataclasses.field(default=(), kw_only=True)
+  model_steps: tuple[tuple[str, int], ...] = dataclasses.field(default=(), kw_only=True)
+
+  def for_model(self, name: str) -> "Preset":
+    """This preset with model ``name``'s learning rate and steps in ``learning_rate`` and
+    ``steps``."""
+    return dataclasses.replace(self, learning_rate=dict(self.model_learning_rates).get(
+        name, self.learning_rate), steps=dict(self.model_steps).get(name, self.steps))
+
 
 # Flags whose value, when given, replaces the preset's field of the same name.
 PRESET_FIELDS = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every",
-                 "eval_examples", "stop_after_perfect_evals", "steps_per_call")
+                 "eval_examples", "stop_after_perfect_evals", "steps_per_call", "lr_schedule",
+                 "warmup_steps")
 
 
 def define_flags(task: str, presets: Sequence[str], model_names: Sequence[str]) -> None:
   """Defines the flags every task entry point has; ``task`` names the default output folder."""
   flags.DEFINE_enum("preset", "quick", list(presets), "quick: CPU minutes; paper: appendix E.1 sizes.")
   flags.DEFINE_list("models", None, f"Models to train, from {list(model_names)}; default: the preset's.")
-  flags.DEFINE_integer("steps", None, "Training steps per model; default: the preset's.")
+  flags.DEFINE_integer("steps", None, "Training steps of every model; default: the preset's "
+                       "(which may give some models more).")
   flags.DEFINE_integer("batch_size", None, "Global batch size; default: the preset's.")
-  flags.DEFINE_float("learning_rate", None, "Constant Adam learning rate; default: the preset's.")
+  flags.DEFINE_float("learning_rate", None, "Adam learning rate of every model (the peak, with a "
+                     "schedule); default: the preset's (which may differ between models).")
+  flags.DEFINE_enum("lr_schedule", None, ["constant", "cosine"], "constant, or cosine decay to 0 "
+                    "at the last step; default: the preset's (constant).")
+  flags.DEFINE_integer("warmup_steps", None, "Steps of linear warm-up from 0 to the learning rate; "
+                       "default: the preset's (0).")
   flags.DEFINE_integer("seed", 0, "Seed of the parameters, the data stream and the test sets.")
   flags.DEFINE_string("out_dir", None, f"Output directory; default runs/{task}_<preset>.")
   flags.DEFINE_bool("resume", False, "Continue each model from its latest checkpoint in --out_dir.")
@@ -80,6 +101,11 @@ def preset_changes(preset, model_names: Sequence[str], extra_fields: Sequence[st
   """The preset fields the command line overrides, checked; for ``dataclasses.replace``."""
   names = PRESET_FIELDS + tuple(extra_fields)
   changes = {k: getattr(FLAGS, k) for k in names if getattr(FLAGS, k) is not None}
+  # A value given on the command line holds for every model.
+  if "learning_rate" in changes:
+    changes["model_learning_rates"] = ()
+  if "steps" in changes:
+    changes["model_steps"] = ()
   if FLAGS.models:
     for name in FLAGS.models:
       if name not in model_names:
@@ -96,6 +122,8 @@ def preset_changes(preset, model_names: Sequence[str], extra_fields: Sequence[st
                            f"eval_every={every[1]}")
   if changes.get("stop_after_perfect_evals", 0) < 0:
     raise app.UsageError("--stop_after_perfect_evals must be >= 0")
+  if changes.get("warmup_steps", 0) < 0:
+    raise app.UsageError("--warmup_steps must be >= 0")
   if FLAGS.max_train_seconds is not None and not FLAGS.max_train_seconds > 0:
     raise app.UsageError(f"--max_train_seconds must be > 0; got {FLAGS.max_train_seconds}")
   return changes
@@ -103,9 +131,11 @@ def preset_changes(preset, model_names: Sequence[str], extra_fields: Sequence[st
 
 def train_config(preset: Preset, *, seed: int, resume: bool, progress: bool,
                  max_seconds: float | None = None) -> train.TrainConfig:
-  """The :class:`~experiments.train.TrainConfig` of each model of ``preset``."""
+  """The :class:`~experiments.train.TrainConfig` of ``preset`` (one model's:
+  :meth:`Preset.for_model`)."""
   return train.TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
-                           learning_rate=preset.learning_rate, seed=seed,
+                           learning_rate=preset.learning_rate, lr_schedule=preset.lr_schedule,
+                           warmup_steps=preset.warmup_steps, seed=seed,
                            log_every=preset.log_every, eval_every=preset.eval_every,
                            eval_examples=preset.eval_examples,
                            checkpoint_every=preset.checkpoint_every, resume=resume,
@@ -117,7 +147,7 @@ def train_config(preset: Preset, *, seed: int, resume: bool, progress: bool,
 def train_model(preset: Preset, name: str, out_dir: Path, *, seed: int, resume: bool,
                 progress: bool, max_seconds: float | None = None) -> train.TrainResult:
   """Trains model ``name`` of ``preset`` on its task, into ``out_dir/name``."""
-  config = train_config(preset, seed=seed, resume=resume, progress=progress,
+  config = train_config(preset.for_model(name), seed=seed, resume=resume, progress=progress,
                         max_seconds=max_seconds)
   return train.train(lambda rngs: models.make_model(name, preset.shape, rngs), preset.task, config,
                      out_dir / name, name=name)
@@ -128,12 +158,25 @@ def describe_stop(name: str, res: train.TrainResult, preset: Preset) -> str:
   learned = ("never reached 100% validation accuracy at the last evaluation"
              if res.learned_at_step is None else
              f"100% validation accuracy from step {res.learned_at_step} on")
-  why = {"steps": f"ran all {preset.steps} steps",
+  steps = preset.for_model(name).steps
+  why = {"steps": f"ran all {steps} steps",
          "perfect_evals": f"stopped early after {preset.stop_after_perfect_evals} perfect "
                           "evaluations in a row",
          "time_limit": "stopped by --max_train_seconds (checkpointed; rerun with --resume to "
                        "continue)"}[res.stop_reason]
-  return f"{name}: at step {res.stopped_at_step} of {preset.steps}, {why}; {learned}."
+  return f"{name}: at step {res.stopped_at_step} of {steps}, {why}; {learned}."
+
+
+def describe_learning_rate(preset: Preset) -> str:
+  """``"Adam lr 0.001"``, with the per-model exceptions and the schedule, for a results header."""
+  text = f"Adam lr {preset.learning_rate}"
+  if preset.model_learning_rates:
+    text += " (" + ", ".join(f"{models.LABELS[n]}: {lr}" for n, lr in preset.model_learning_rates) + ")"
+  if preset.lr_schedule != "constant":
+    text += f", {preset.lr_schedule} decay to 0 at the last step"
+  if preset.warmup_steps:
+    text += f" after {preset.warmup_steps} steps of linear warm-up"
+  return text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,21 +185,32 @@ def describe_stop(name: str, res: train.TrainResult, preset: Preset) -> str:
 RESULT_FILE = "result.json"
 
 
+# Keys of comparable_settings present only when they differ from the defaults.
+OPTIONAL_SETTINGS = frozenset({"model_learning_rates", "lr_schedule", "warmup_steps"})
+
+
 def comparable_settings(preset: Preset, seed: int, **extra) -> dict:
   """What the models of one results table must share: the task, the model shape (the scan backend
-  aside), the seed, the batch size and the learning rate, and ``extra`` (how they are tested).
-  Steps may differ between models (the table gives each model's)."""
+  aside), the seed, the batch size, the learning rates and their schedule, and ``extra`` (how they
+  are tested). Steps may differ between models (the table gives each model's). The schedule and
+  the per-model rates are keys only when they differ from the defaults, so that rows saved before
+  they existed still merge."""
   shape = dataclasses.asdict(preset.shape)
   shape.pop("scan_backend")
+  optional = {}
+  if preset.model_learning_rates:
+    optional["model_learning_rates"] = dict(preset.model_learning_rates)
+  if preset.lr_schedule != "constant" or preset.warmup_steps:
+    optional.update(lr_schedule=preset.lr_schedule, warmup_steps=preset.warmup_steps)
   return {"task": {"name": type(preset.task).__name__, **dataclasses.asdict(preset.task)},
           "shape": shape, "seed": seed, "batch_size": preset.batch_size,
-          "learning_rate": preset.learning_rate, **extra}
+          "learning_rate": preset.learning_rate, **optional, **extra}
 
 
-def run_settings(preset: Preset, comparable: dict) -> dict:
-  """``comparable`` plus the schedule: a model's saved result is current for a call with the
-  same run settings (that call, with --resume, reuses it instead of redoing the tests)."""
-  return {**comparable, "steps": preset.steps, "eval_every": preset.eval_every,
+def run_settings(preset: Preset, comparable: dict, name: str) -> dict:
+  """``comparable`` plus model ``name``'s schedule: its saved result is current for a call with
+  the same run settings (that call, with --resume, reuses it instead of redoing the tests)."""
+  return {**comparable, "steps": preset.for_model(name).steps, "eval_every": preset.eval_every,
           "eval_examples": preset.eval_examples,
           "stop_after_perfect_evals": preset.stop_after_perfect_evals}
 
@@ -193,9 +247,10 @@ def merged_results(out_dir: Path, model_names: Sequence[str], comparable: dict) 
     saved = load_model_result(out_dir, name)
     if saved is None:
       continue
-    theirs = {k: saved["settings"].get(k) for k in comparable}
-    if theirs != comparable:
-      differ = sorted(k for k in comparable if theirs[k] != comparable[k])
+    keys = set(comparable) | (OPTIONAL_SETTINGS & set(saved["settings"]))
+    theirs = {k: saved["settings"].get(k) for k in keys}
+    if theirs != {k: comparable.get(k) for k in keys}:
+      differ = sorted(k for k in keys if theirs[k] != comparable.get(k))
       print(f"note: {out_dir / name / RESULT_FILE} left out of the table: it was made with other "
             f"settings ({', '.join(differ)})")
       continue
@@ -203,14 +258,16 @@ def merged_results(out_dir: Path, model_names: Sequence[str], comparable: dict) 
   return results
 
 
-def train_each(preset: Preset, out_dir: Path, current: dict, test: Callable[[str, Any], dict], *,
-               seed: int, resume: bool, progress: bool,
+def train_each(preset: Preset, out_dir: Path, comparable: dict,
+               test: Callable[[str, Any], dict], *, seed: int, resume: bool, progress: bool,
                max_train_seconds: float | None = None) -> None:
   """Trains every model of ``preset`` in order and saves its row (``save_model_result``): the
   training fields every task records, plus ``test(name, result)``'s. With ``resume``, a model
-  whose saved row has the settings ``current`` is reused; a model stopped by
-  ``max_train_seconds`` gets no row, and no later model starts (rerun with ``resume``)."""
+  whose saved row has this call's settings (:func:`run_settings` of ``comparable``) is reused; a
+  model stopped by ``max_train_seconds`` gets no row, and no later model starts (rerun with
+  ``resume``)."""
   for i, name in enumerate(preset.models):
+    current = run_settings(preset, comparable, name)
     saved = load_model_result(out_dir, name)
     if resume and saved is not None and saved["settings"] == current:
       print(f"{name}: already has a result with these settings ({out_dir / name / RESULT_FILE}); "
@@ -224,9 +281,11 @@ def train_each(preset: Preset, out_dir: Path, current: dict, test: Callable[[str
       print(f"{name} has no result yet" + (f"; not started: {left}" if left else "")
             + ". Rerun with --resume to continue.")
       return
+    mine = preset.for_model(name)
     save_model_result(out_dir, name, current, {
         "label": models.LABELS[name], "params": models.count_params(res.model),
-        "steps": preset.steps, "stopped_at_step": res.stopped_at_step,
+        "steps": mine.steps, "learning_rate": mine.learning_rate,
+        "stopped_at_step": res.stopped_at_step,
         "learned_at_step": res.learned_at_step, "stop_reason": res.stop_reason,
         "train_seconds": round(training_seconds(res.records), 1), **test(name, res)})
 
@@ -252,6 +311,8 @@ def write_results(out_dir: Path, preset: Preset, seed: int, results: dict, start
   (out_dir / "results.json").write_text(json.dumps(
       {"task": dataclasses.asdict(preset.task), "shape": dataclasses.asdict(preset.shape),
        "seed": seed, "batch_size": preset.batch_size, "learning_rate": preset.learning_rate,
+       "model_learning_rates": dict(preset.model_learning_rates),
+       "lr_schedule": preset.lr_schedule, "warmup_steps": preset.warmup_steps,
        "eval_every": preset.eval_every,
        "stop_after_perfect_evals": preset.stop_after_perfect_evals,
        "models": results, "wall_seconds": round(time.perf_counter() - started, 1)}, indent=2))

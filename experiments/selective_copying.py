@@ -62,8 +62,7 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
   out_dir.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
   comparable = cli.comparable_settings(preset, seed)
-  current = cli.run_settings(preset, comparable)
-  cli.train_each(preset, out_dir, current,
+  cli.train_each(preset, out_dir, comparable,
                  lambda name, res: {"accuracy": res.final_accuracy, "loss": res.final_loss,
                                     "paper_accuracy": PAPER_ACCURACY.get(name)},
                  seed=seed, resume=resume, progress=progress, max_train_seconds=max_train_seconds)
@@ -80,7 +79,7 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
        "Paper, length 4096 (%)"], rows)
   header = (f"Selective Copying: length {task.length}, {task.num_tokens} data tokens, vocabulary "
             f"{task.vocab_size}; {preset.shape.n_layer} layers, d_model {preset.shape.d_model}, batch "
-            f"{preset.batch_size}, Adam lr {preset.learning_rate}, seed {seed}, {cli.devices()}. "
+            f"{preset.batch_size}, {cli.describe_learning_rate(preset)}, seed {seed}, {cli.devices()}. "
             f"Steps: where training stopped; Learned at: the first step of the last run of 100% "
             f"validation evaluations. Chance: {100 * task.chance_accuracy:.1f}%.")
   cli.write_results(out_dir, preset, seed, results, t_start, f"{header}\n\n{table}")

@@ -1,4 +1,4 @@
-"""One training loop for the synthetic tasks: Adam at a constant learning rate, data parallel, resumable.
+"""One training loop for the synthetic tasks: Adam (constant or cosine learning rate), data parallel, resumable.
 
 :func:`train` builds a model, replicates its parameters over a ``jax.sharding.Mesh`` of every
 visible device (one ``"data"`` axis), shards each batch along it, and takes Adam steps on the
@@ -9,7 +9,8 @@ function of the seed and the step alone.
 Every ``checkpoint_every`` steps Orbax saves the parameters, the optimizer state, the step and the
 data key; ``resume=True`` restores the latest checkpoint and continues bit-identically (the
 metrics file is cut back to the restored step; see "Resume semantics" below). Progress goes to a tqdm bar and to
-``metrics.jsonl``: ``{"kind": "train", "step", "loss", "accuracy", "time_s"}`` averaged over the
+``metrics.jsonl``: ``{"kind": "train", "step", "loss", "accuracy", "time_s"}`` (and ``"lr"`` with a
+schedule) averaged over the
 last ``log_every`` steps and ``{"kind": "eval", "step", "loss", "accuracy"}`` on a fixed
 validation set.
 
@@ -100,7 +101,10 @@ class TrainConfig:
   Attributes:
     steps: total optimizer steps (a resumed run continues up to this count).
     batch_size: global batch, a multiple of the number of devices.
-    learning_rate: constant Adam learning rate.
+    learning_rate: Adam learning rate (the peak, with a schedule).
+    lr_schedule: ``"constant"``, or ``"cosine"``: decay to 0 at step ``steps`` along half a cosine
+      (:func:`optax.cosine_decay_schedule`). Either follows the warm-up.
+    warmup_steps: steps of linear warm-up from 0 to ``learning_rate`` (0: none).
     seed: seeds the parameters (``nnx.Rngs(seed)``) and the data stream.
     log_every: steps averaged into one ``"train"`` record.
     eval_every: steps between ``"eval"`` records (0: only after the last step).
@@ -124,6 +128,8 @@ class TrainConfig:
   steps: int
   batch_size: int
   learning_rate: float
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
   seed: int = 0
   log_every: int = 10
   eval_every: int = 0
@@ -138,7 +144,7 @@ class TrainConfig:
   def __post_init__(self):
     for name in ("steps", "batch_size", "log_every", "eval_examples", "steps_per_call"):
       _checks.positive_int(name, getattr(self, name))
-    for name in ("eval_every", "checkpoint_every", "stop_after_perfect_evals"):
+    for name in ("eval_every", "checkpoint_every", "stop_after_perfect_evals", "warmup_steps"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
@@ -147,6 +153,9 @@ class TrainConfig:
                        f"resumed run logs the same windows; got {self.checkpoint_every}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate must be > 0; got {self.learning_rate!r}")
+    _checks.one_of("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+    if self.warmup_steps >= self.steps:
+      raise ValueError(f"warmup_steps must be < steps={self.steps}; got {self.warmup_steps}")
     if self.log_every % self.steps_per_call or self.eval_every % self.steps_per_call:
       raise ValueError(f"steps_per_call must divide log_every={self.log_every} and eval_every="
                        f"{self.eval_every}; got {self.steps_per_call}")
@@ -158,6 +167,22 @@ class TrainConfig:
                                              and not isinstance(self.max_seconds, bool)
                                              and 0 < self.max_seconds < math.inf):
       raise ValueError(f"max_seconds must be a positive number or None; got {self.max_seconds!r}")
+
+
+def learning_rate_schedule(config: TrainConfig) -> float | optax.Schedule:
+  """The learning rate of ``config``: a float when constant without warm-up (Adam's state then
+  holds no step count, as in runs saved before schedules existed), else an optax schedule of the
+  step."""
+  peak, warmup = config.learning_rate, config.warmup_steps
+  if config.lr_schedule == "constant" and not warmup:
+    return peak
+  if config.lr_schedule == "constant":
+    after = optax.constant_schedule(peak)
+  else:
+    after = optax.cosine_decay_schedule(peak, config.steps - warmup)
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
 @dataclasses.dataclass
@@ -518,7 +543,8 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
   sharded = NamedSharding(mesh, P("data"))
 
   model = make_model(nnx.Rngs(config.seed))
-  optimizer = nnx.Optimizer(model, optax.adam(config.learning_rate), wrt=nnx.Param)
+  lr = learning_rate_schedule(config)
+  optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
   for obj in (model, optimizer):  # the same on every process: one seed
     nnx.update(obj, parallel.replicate(mesh, nnx.state(obj)))
   # Replicated like the state: with several processes, checkpoints take only global arrays.
@@ -611,6 +637,8 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
       n = config.log_every if done % config.log_every == 0 else done % config.log_every
       record = {"kind": "train", "step": done, "loss": float(window_loss) / n,
                 "accuracy": float(window_acc) / n, "time_s": round(time_offset + time.perf_counter() - t0, 3)}
+      if callable(lr):  # the rate of the window's last step
+        record["lr"] = float(lr(done - 1))
       if not math.isfinite(record["loss"]):
         raise FloatingPointError(f"training loss became {record['loss']} at step {done}")
       log(record)

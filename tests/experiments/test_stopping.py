@@ -190,7 +190,7 @@ def test_models_trained_in_separate_calls_share_one_table(tmp_path, monkeypatch,
   assert results["mamba_s6"]["accuracy_by_length"]["128"] is not None
   md = (tmp_path / "results.md").read_text()
   assert "| Mamba block, S6 (Mamba) |" in md and "| MHA-Abs |" in md
-  assert "| Model | Params | Steps | Learned at | 2^4 |" in md
+  assert "| Model | Params | lr | Steps | Learned at | 2^4 |" in md
   assert (tmp_path / "accuracy_vs_length.png").exists() and (tmp_path / "accuracy_vs_step.png").exists()
 
   # A row made with other settings (here another learning rate) is left out of the table.

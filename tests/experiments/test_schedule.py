@@ -1,0 +1,105 @@
+"""Learning-rate schedules and per-model learning rates and steps of a preset."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from experiments import cli, induction_heads, models, tasks, train
+
+TASK = tasks.SelectiveCopying(length=19, num_tokens=3, vocab_size=6)
+SHAPE = models.ModelShape(vocab_size=6, d_model=8, n_layer=1, d_state=3, n_head=2, max_len=32,
+                          scan_backend="sequential")
+
+
+def test_constant_without_warmup_is_a_float():
+  config = train.TrainConfig(steps=10, batch_size=2, learning_rate=3e-3)
+  assert train.learning_rate_schedule(config) == 3e-3
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine"])
+def test_schedule_matches_its_closed_form(kind):
+  steps, warmup, peak = 37, 5, 2e-3
+  config = train.TrainConfig(steps=steps, batch_size=2, learning_rate=peak, lr_schedule=kind,
+                             warmup_steps=warmup)
+  lr = train.learning_rate_schedule(config)
+  for t in range(steps):
+    if t < warmup:
+      want = peak * t / warmup
+    elif kind == "constant":
+      want = peak
+    else:
+      want = peak * 0.5 * (1 + np.cos(np.pi * (t - warmup) / (steps - warmup)))
+    np.testing.assert_allclose(float(lr(t)), want, rtol=1e-5, atol=1e-12, err_msg=f"step {t}")
+  assert float(lr(steps)) == pytest.approx(0.0 if kind == "cosine" else peak, rel=1e-6, abs=1e-12)
+
+
+def test_config_rejects_bad_schedules():
+  with pytest.raises(ValueError, match="lr_schedule"):
+    train.TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, lr_schedule="linear")
+  with pytest.raises(ValueError, match="warmup_steps must be < steps=5"):
+    train.TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, warmup_steps=5)
+  with pytest.raises(ValueError, match="warmup_steps must be a non-negative integer"):
+    train.TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, warmup_steps=-1)
+
+
+def test_scheduled_run_logs_its_rate_and_resumes_bit_identically(tmp_path):
+  make = lambda rngs: models.make_model("mamba_s6", SHAPE, rngs)
+  config = train.TrainConfig(steps=8, batch_size=4, learning_rate=5e-3, lr_schedule="cosine",
+                             warmup_steps=2, log_every=2, checkpoint_every=4, progress=False,
+                             eval_examples=4)
+  full = train.train(make, TASK, config, tmp_path / "full")
+  rates = [r["lr"] for r in full.records if r["kind"] == "train"]
+  lr = train.learning_rate_schedule(config)
+  assert rates == [pytest.approx(float(lr(s - 1))) for s in (2, 4, 6, 8)]
+  assert rates[0] > rates[-1] > 0
+  # The schedule is a function of the step in Adam's state: a resumed run continues it.
+  part = train.train(make, TASK, dataclasses.replace(config, max_seconds=1e-9), tmp_path / "cut")
+  assert not part.complete
+  rest = train.train(make, TASK, dataclasses.replace(config, resume=True), tmp_path / "cut")
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
+  assert strip(rest.records) == strip(full.records)
+
+
+TINY = induction_heads.Preset(
+    task=tasks.InductionHeads(length=16, vocab_size=6),
+    shape=models.ModelShape(vocab_size=6, d_model=8, n_layer=1, d_state=3, n_head=2, max_len=64,
+                            scan_backend="sequential"),
+    models=("mamba_s6", "mha_abs"), steps=4, batch_size=4, learning_rate=1e-3, log_every=2,
+    eval_every=2, eval_examples=4, checkpoint_every=0, min_test_log2=4, max_test_log2=5,
+    test_examples=4, test_tokens=64, eval_chunk=32, eval_batch_tokens=64,
+    transformer_max_test_length=32, model_learning_rates=(("mha_abs", 2e-4),),
+    model_steps=(("mha_abs", 6),))
+
+
+def test_per_model_rates_and_steps_reach_training_and_the_table(tmp_path, monkeypatch):
+  seen = {}
+  real = train.train
+
+  def spy(make_model, task, config, run_dir, **kw):
+    seen[kw["name"]] = (config.learning_rate, config.steps)
+    return real(make_model, task, config, run_dir, **kw)
+
+  monkeypatch.setattr(train, "train", spy)
+  results = induction_heads.run(TINY, tmp_path, progress=False)
+  assert seen == {"mamba_s6": (1e-3, 4), "mha_abs": (2e-4, 6)}
+  assert (results["mamba_s6"]["learning_rate"], results["mha_abs"]["learning_rate"]) == (1e-3, 2e-4)
+  assert (results["mamba_s6"]["stopped_at_step"], results["mha_abs"]["stopped_at_step"]) == (4, 6)
+  md = (tmp_path / "results.md").read_text()
+  assert "Adam lr 0.001 (MHA-Abs: 0.0002)" in md and "at most 4 steps (MHA-Abs: 6)" in md
+  assert "| MHA-Abs | " in md and " | 0.0002 | 6 | " in md
+  saved = json.loads((tmp_path / "mha_abs" / "result.json").read_text())["settings"]
+  assert saved["model_learning_rates"] == {"mha_abs": 2e-4} and saved["steps"] == 6
+  # Rows trained without the per-model rates are another table.
+  plain = dataclasses.replace(TINY, model_learning_rates=(), model_steps=())
+  comparable = induction_heads.settings(plain, 0)
+  assert cli.merged_results(tmp_path, models.MODEL_NAMES, comparable) == {}
+
+
+def test_paper_preset_follows_appendix_e1():
+  paper = induction_heads.PRESETS["paper"]
+  assert paper.for_model("mamba_s6").learning_rate == 1e-3
+  assert paper.for_model("mha_abs").learning_rate == paper.for_model("mha_rope").learning_rate == 2e-4
+  assert paper.for_model("mamba_s6").steps == paper.for_model("mha_abs").steps == 8192 * 25
+  assert paper.for_model("mha_rope").steps == 8192 * 50
