@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
 import ssmax
@@ -55,6 +56,10 @@ flags.DEFINE_string("configs", "", "';'-separated name:key=value,... of ssmax.pa
                     "time too.")
 flags.DEFINE_list("config_shapes", [], "Shapes for --configs (default: --shapes).")
 flags.DEFINE_list("config_modes", [], "Modes for --configs (default: --modes).")
+flags.DEFINE_integer("rounds", 1, "Time every cell this many times, the cell order reversed in "
+                     "every other round (so drift in the GPU's speed does not favour the rows timed "
+                     "first); the table gives each cell's median over rounds, and with --packed the "
+                     "ratio of segments to plain in every round.")
 harness.define_flags(flags)
 
 
@@ -115,12 +120,13 @@ def build_call(backend, kw, mode, config=None):
   return (lambda: compiled(*args)), harness.compiled_peak_bytes(compiled), compile_s
 
 
-def measure(shape, backend, mode, kw, config_kv=None) -> dict:
+def measure(shape, backend, mode, kw, config_kv=None, compiled=None) -> dict:
   """One cell: ``backend`` at ``shape`` in ``mode``; ``config_kv`` given, the pallas kernel with
-  ``ssmax.pallas.Config(**config_kv)``."""
+  ``ssmax.pallas.Config(**config_kv)``. ``compiled``: :func:`build_call`'s result, if built
+  already (a later round)."""
   b, l, d, n = SHAPES[shape]
   config = None if config_kv is None else ssmax.pallas.Config(**config_kv)
-  call, peak, compile_s = build_call(backend, kw, mode, config)
+  call, peak, compile_s = compiled or build_call(backend, kw, mode, config)
   slow = backend == "sequential"
   seconds = harness.median_seconds(call, repeats=FLAGS.slow_iters if slow else FLAGS.iters,
                                    inner=1 if slow else FLAGS.inner, budget_s=FLAGS.budget_s,
@@ -153,33 +159,53 @@ def main(argv):
     cells += [(s, "pallas", f"pallas[{name}]{seg}", kv, FLAGS.config_modes or FLAGS.modes)
               for s in (FLAGS.config_shapes or FLAGS.shapes)
               for seg in ([""] + (["+segments"] if FLAGS.packed else []))]
-  for shape, backend, label, kv, modes in cells:
-    kw = make_inputs(jax.random.PRNGKey(1), *SHAPES[shape], jnp.bfloat16)
-    if label.endswith("+segments"):
-      kw["segment_ids"] = packed_segment_ids(jax.random.PRNGKey(2), *SHAPES[shape][:2])
-    for mode in modes:
-      got = harness.attempt(lambda: measure(shape, backend, mode, kw, kv), bench.log)
-      row = {**dict(shape=shape, backend=label, mode=mode, ms=float("nan"), peak_GiB=None,
-                    GBps=float("nan"), compile_s=float("nan"), agree=None, config=kv), **got}
-      row["frac_copy"] = row["GBps"] / bw
-      row["error"] = None if row["status"] == "ok" else row["status"]
-      rows.append(row)
-      bench.log(f"{shape:11s} {label:22s} {mode:6s} {row['ms']:9.3f} ms  peak "
-                f"{(row['peak_GiB'] or float('nan')):6.2f} GiB  {row['GBps']:7.0f} GB/s  "
-                f"(compile {row['compile_s']:.1f} s)"
-                + (f"  {row['status']}" if row["error"] else "")
-                + (f"  jla vs ssmax pallas y rel err {row['agree']:.2e}" if row["agree"] else ""))
-      bench.save(summary(report))
+  if FLAGS.rounds < 1:
+    raise app.UsageError(f"--rounds must be >= 1; got {FLAGS.rounds}")
+  built = {}  # with several rounds: each cell's compiled call, kept for the next rounds
+  for r in range(FLAGS.rounds):
+    for shape, backend, label, kv, modes in (cells if r % 2 == 0 else cells[::-1]):
+      kw = make_inputs(jax.random.PRNGKey(1), *SHAPES[shape], jnp.bfloat16)
+      if label.endswith("+segments"):
+        kw["segment_ids"] = packed_segment_ids(jax.random.PRNGKey(2), *SHAPES[shape][:2])
+      for mode in (modes if r % 2 == 0 else modes[::-1]):
+        cell = (shape, label, mode)
+        if FLAGS.rounds > 1 and cell not in built:
+          config = None if kv is None else ssmax.pallas.Config(**kv)
+          built[cell] = harness.attempt(
+              lambda: {"call": build_call(backend, kw, mode, config)}, bench.log).get("call")
+        got = harness.attempt(lambda: measure(shape, backend, mode, kw, kv, built.get(cell)),
+                              bench.log)
+        row = {**dict(shape=shape, backend=label, mode=mode, ms=float("nan"), peak_GiB=None,
+                      GBps=float("nan"), compile_s=float("nan"), agree=None, config=kv,
+                      round=r), **got}
+        row["frac_copy"] = row["GBps"] / bw
+        row["error"] = None if row["status"] == "ok" else row["status"]
+        rows.append(row)
+        bench.log(f"{shape:11s} {label:22s} {mode:6s} {row['ms']:9.3f} ms  peak "
+                  f"{(row['peak_GiB'] or float('nan')):6.2f} GiB  {row['GBps']:7.0f} GB/s  "
+                  f"(compile {row['compile_s']:.1f} s)"
+                  + (f"  round {r + 1}" if FLAGS.rounds > 1 else "")
+                  + (f"  {row['status']}" if row["error"] else "")
+                  + (f"  jla vs ssmax pallas y rel err {row['agree']:.2e}" if row["agree"] else ""))
+        bench.save(summary(report))
   bench.log("\n" + summary(report))
   bench.finish()
 
 
 def summary(report) -> str:
-  """Per shape and backend: times, peak, bandwidth, and the ratios to associative and official."""
+  """Per shape and backend: times (the median over rounds), peak, bandwidth, and the ratios to
+  associative and official; with packed rows, segments over plain in each round."""
   rows = report["rows"]
-  get = lambda s, be, m: next((r for r in rows if (r["shape"], r["backend"], r["mode"]) ==
-                               (s, be, m)), None)
   nan = float("nan")
+
+  def get(s, be, m):
+    hits = [r for r in rows if (r["shape"], r["backend"], r["mode"]) == (s, be, m)]
+    if not hits:
+      return None
+    ok = [r["ms"] for r in hits if r["error"] is None]
+    return {**hits[0], "ms": float(np.median(ok)) if ok else nan,
+            "GBps": float(np.median([r["GBps"] for r in hits if r["error"] is None])) if ok else nan}
+
   body = []
   for s in dict.fromkeys(r["shape"] for r in rows):
     assoc = get(s, "associative", "fwdbwd")
@@ -192,10 +218,25 @@ def summary(report) -> str:
                    f"{f['GBps'] if f else nan:.0f}",
                    f"{assoc['ms'] / fbms if assoc else nan:.1f}", f"{of / fms:.2f}",
                    f"{ofb / fbms:.2f}"])
-  return (f"Selective scan, bf16 inputs, z, D, Δ bias, softplus; {report['device']}, JAX "
-          f"{report['jax']}.\n\n" + plotting.markdown_table(
+  rounds = 1 + max((r.get("round", 0) for r in rows), default=0)
+  text = (f"Selective scan, bf16 inputs, z, D, Δ bias, softplus; {report['device']}, JAX "
+          f"{report['jax']}" + (f"; median of {rounds} rounds" if rounds > 1 else "") + ".\n\n"
+          + plotting.markdown_table(
               ["shape", "backend", "fwd ms", "fwd+bwd ms", "peak GiB (fwd+bwd)", "GB/s fwd",
                "x assoc fwd+bwd", "x official fwd", "x official fwd+bwd"], body))
+  ratios = []
+  for r in rows:
+    if r["backend"].endswith("+segments") and r["error"] is None:
+      plain = next((p for p in rows if (p["shape"], p["backend"], p["mode"], p.get("round", 0))
+                    == (r["shape"], r["backend"][:-len("+segments")], r["mode"],
+                        r.get("round", 0)) and p["error"] is None), None)
+      if plain is not None:
+        ratios.append([r["shape"], plain["backend"], r["mode"], r.get("round", 0) + 1,
+                       f"{plain['ms']:.3f}", f"{r['ms']:.3f}", f"{r['ms'] / plain['ms']:.3f}"])
+  if ratios:
+    text += ("\n\nWith segment_ids over without, per round:\n\n" + plotting.markdown_table(
+        ["shape", "backend", "mode", "round", "plain ms", "segments ms", "ratio"], ratios))
+  return text
 
 
 if __name__ == "__main__":
