@@ -17,7 +17,10 @@ records how far its output is from ssmax's.
 
 ``--packed`` adds rows ``<backend>+segments`` for ssmax's backends: the same inputs with
 ``segment_ids`` of long-tailed document lengths (``scan_inputs.packed_segment_ids``, mean ~256
-tokens), to compare the scan of packed documents with the plain one.
+tokens), to compare the scan of packed documents with the plain one. Rows timed one after the
+other drift with the GPU's speed (rows timing the same kernel differed by up to 9%): ``--rounds``
+repeats every cell in alternating order, and ``--paired=N`` times the plain and the packed call
+alternately, N measurements each, and reports the median ratio of neighbouring measurements.
 
 ``--configs`` additionally times blockings of the fused kernel through ``ssmax.pallas`` directly:
 each ``name:key=value,...`` goes to ``ssmax.pallas.Config(key=value, ...)`` as given, e.g.
@@ -56,6 +59,9 @@ flags.DEFINE_string("configs", "", "';'-separated name:key=value,... of ssmax.pa
                     "time too.")
 flags.DEFINE_list("config_shapes", [], "Shapes for --configs (default: --shapes).")
 flags.DEFINE_list("config_modes", [], "Modes for --configs (default: --modes).")
+flags.DEFINE_integer("paired", 0, "With --packed: also time each ssmax backend without and with "
+                     "segment_ids alternately, this many measurements each, and report the median "
+                     "of the pairs' ratios (harness.paired_seconds; 0: no).")
 flags.DEFINE_integer("rounds", 1, "Time every cell this many times, the cell order reversed in "
                      "every other round (so drift in the GPU's speed does not favour the rows timed "
                      "first); the table gives each cell's median over rounds, and with --packed the "
@@ -188,8 +194,32 @@ def main(argv):
                   + (f"  {row['status']}" if row["error"] else "")
                   + (f"  jla vs ssmax pallas y rel err {row['agree']:.2e}" if row["agree"] else ""))
         bench.save(summary(report))
+  if FLAGS.paired and FLAGS.packed:
+    report["paired"] = paired(bench)
+    bench.save(summary(report))
   bench.log("\n" + summary(report))
   bench.finish()
+
+
+def paired(bench) -> list[dict]:
+  """Each ssmax backend at each shape and mode without and with segment_ids, timed alternately."""
+  out = []
+  for shape in FLAGS.shapes:
+    kw = make_inputs(jax.random.PRNGKey(1), *SHAPES[shape], jnp.bfloat16)
+    kw_seg = {**kw, "segment_ids": packed_segment_ids(jax.random.PRNGKey(2), *SHAPES[shape][:2])}
+    for backend in (be for be in FLAGS.backends if be not in ("jla", "sequential")):
+      for mode in FLAGS.modes:
+        def run():
+          plain, seg = build_call(backend, kw, mode)[0], build_call(backend, kw_seg, mode)[0]
+          return harness.paired_seconds(plain, seg, repeats=FLAGS.paired, warmup=3,
+                                        inner=FLAGS.inner)
+        got = harness.attempt(run, bench.log)
+        out.append({"shape": shape, "backend": backend, "mode": mode, **got})
+        if got["status"] == "ok":
+          bench.log(f"paired {shape:11s} {backend:12s} {mode:6s} plain {1e3 * got['a']:.3f} ms, "
+                    f"segments {1e3 * got['b']:.3f} ms, ratio {got['ratio']:.3f} "
+                    f"[{got['ratio_q25']:.3f}, {got['ratio_q75']:.3f}]")
+  return out
 
 
 def summary(report) -> str:
@@ -236,6 +266,15 @@ def summary(report) -> str:
   if ratios:
     text += ("\n\nWith segment_ids over without, per round:\n\n" + plotting.markdown_table(
         ["shape", "backend", "mode", "round", "plain ms", "segments ms", "ratio"], ratios))
+  pairs = [r for r in report.get("paired", []) if r["status"] == "ok"]
+  if pairs:
+    text += (f"\n\nWithout and with segment_ids timed alternately ({FLAGS.paired} measurements "
+             "each; ratio: median of the pairs' ratios, with its quartiles):\n\n"
+             + plotting.markdown_table(
+                 ["shape", "backend", "mode", "plain ms", "segments ms", "ratio", "quartiles"],
+                 [[r["shape"], r["backend"], r["mode"], f"{1e3 * r['a']:.3f}",
+                   f"{1e3 * r['b']:.3f}", f"{r['ratio']:.3f}",
+                   f"{r['ratio_q25']:.3f}-{r['ratio_q75']:.3f}"] for r in pairs]))
   return text
 
 

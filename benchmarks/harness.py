@@ -74,6 +74,39 @@ def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int = 2, inne
   return statistics.median(samples)
 
 
+def paired_seconds(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats: int,
+                   warmup: int = 2, inner: int = 1) -> dict:
+  """Times ``fn_a`` and ``fn_b`` alternately, ``repeats`` measurements each (``inner`` calls a
+  measurement, as :func:`median_seconds`), so that a drift in the device's speed hits both alike.
+
+  Returns ``{"a": median seconds, "b": median seconds, "ratio": median of the per-pair ratios
+  b / a, "ratio_q25", "ratio_q75"}``: the ratio of each pair of neighbouring measurements, so that
+  slow and fast spells cancel.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn_a())
+    jax.block_until_ready(fn_b())
+
+  def one(fn):
+    start = time.perf_counter()
+    out = None
+    for _ in range(inner):
+      out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / inner
+
+  a, b = [], []
+  for i in range(repeats):  # a-b, then b-a: neither always goes first
+    if i % 2:
+      b.append(one(fn_b)); a.append(one(fn_a))
+    else:
+      a.append(one(fn_a)); b.append(one(fn_b))
+  ratios = sorted(y / x for x, y in zip(a, b))
+  q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]
+  return {"a": statistics.median(a), "b": statistics.median(b),
+          "ratio": statistics.median(ratios), "ratio_q25": q(0.25), "ratio_q75": q(0.75)}
+
+
 def compile_timed(jitted, *args) -> tuple[Any, float]:
   """``(compiled, seconds)``: ``jitted`` lowered for ``args`` and compiled, and how long it took."""
   start = time.perf_counter()

@@ -108,3 +108,36 @@ def test_the_committed_results_have_a_current_run(benchmark):
 def test_device_slug(platform, kind, slug):
   device = type("Device", (), dict(platform=platform, device_kind=kind))()
   assert harness.device_slug(device) == slug
+
+
+def test_paired_seconds_alternates_and_gives_the_ratio():
+  import time
+  order = []
+
+  def sleeper(name, seconds):
+    def fn():
+      order.append(name)
+      time.sleep(seconds)
+      return 0
+    return fn
+
+  got = harness.paired_seconds(sleeper("a", 2e-3), sleeper("b", 6e-3), repeats=6, warmup=1, inner=2)
+  assert order[:2] == ["a", "b"]  # warm-up
+  timed = order[2:]
+  assert len(timed) == 6 * 2 * 2
+  # measurement pairs alternate which goes first: a a b b, b b a a, ...
+  assert timed[:8] == ["a", "a", "b", "b", "b", "b", "a", "a"]
+  assert 2.0 < got["ratio"] < 4.0 and got["ratio_q25"] <= got["ratio"] <= got["ratio_q75"]
+  assert got["b"] > got["a"] >= 2e-3
+
+
+def test_bench_scan_paired_rounds(run_script):
+  _, run_dir, report = run_script("benchmarks.bench_scan", "--backends=associative", "--packed",
+                                  "--modes=fwd", "--rounds=2", "--paired=3")
+  assert [(r["backend"], r["round"]) for r in report["rows"]] == [
+      ("associative", 0), ("associative+segments", 0), ("associative+segments", 1),
+      ("associative", 1)]
+  (pair,) = report["paired"]
+  assert pair["status"] == "ok" and pair["ratio"] > 0 and (pair["shape"], pair["mode"]) == ("tiny", "fwd")
+  table = (run_dir / "bench_scan.md").read_text()
+  assert "per round" in table and "timed alternately" in table
