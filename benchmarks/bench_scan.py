@@ -202,21 +202,26 @@ def main(argv):
 
 
 def paired(bench) -> list[dict]:
-  """Each ssmax backend at each shape and mode without and with segment_ids, timed alternately."""
+  """Each ssmax backend (and each --configs blocking) at each shape and mode without and with
+  segment_ids, timed alternately."""
   out = []
   for shape in FLAGS.shapes:
     kw = make_inputs(jax.random.PRNGKey(1), *SHAPES[shape], jnp.bfloat16)
     kw_seg = {**kw, "segment_ids": packed_segment_ids(jax.random.PRNGKey(2), *SHAPES[shape][:2])}
-    for backend in (be for be in FLAGS.backends if be not in ("jla", "sequential")):
+    variants = [(be, be, None) for be in FLAGS.backends if be not in ("jla", "sequential")]
+    variants += [(f"pallas[{name}]", "pallas", ssmax.pallas.Config(**kv))
+                 for name, kv in harness.parse_configs(FLAGS.configs)]
+    for label, backend, config in variants:
       for mode in FLAGS.modes:
         def run():
-          plain, seg = build_call(backend, kw, mode)[0], build_call(backend, kw_seg, mode)[0]
+          plain = build_call(backend, kw, mode, config)[0]
+          seg = build_call(backend, kw_seg, mode, config)[0]
           return harness.paired_seconds(plain, seg, repeats=FLAGS.paired, warmup=3,
                                         inner=FLAGS.inner)
         got = harness.attempt(run, bench.log)
-        out.append({"shape": shape, "backend": backend, "mode": mode, **got})
+        out.append({"shape": shape, "backend": label, "mode": mode, **got})
         if got["status"] == "ok":
-          bench.log(f"paired {shape:11s} {backend:12s} {mode:6s} plain {1e3 * got['a']:.3f} ms, "
+          bench.log(f"paired {shape:11s} {label:12s} {mode:6s} plain {1e3 * got['a']:.3f} ms, "
                     f"segments {1e3 * got['b']:.3f} ms, ratio {got['ratio']:.3f} "
                     f"[{got['ratio_q25']:.3f}, {got['ratio_q75']:.3f}]")
   return out
