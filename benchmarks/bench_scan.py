@@ -19,8 +19,8 @@ records how far its output is from ssmax's.
 ``segment_ids`` of long-tailed document lengths (``scan_inputs.packed_segment_ids``, mean ~256
 tokens), to compare the scan of packed documents with the plain one. Rows timed one after the
 other drift with the GPU's speed (rows timing the same kernel differed by up to 9%): ``--rounds``
-repeats every cell in alternating order, and ``--paired=N`` times the plain and the packed call
-alternately, N measurements each, and reports the median ratio of neighbouring measurements.
+repeats every cell in alternating order, and ``--paired=N`` (instead) times the plain and the packed
+call alternately, N measurements each, and reports the median ratio of neighbouring measurements.
 
 ``--configs`` additionally times blockings of the fused kernel through ``ssmax.pallas`` directly:
 each ``name:key=value,...`` goes to ``ssmax.pallas.Config(key=value, ...)`` as given, e.g.
@@ -59,9 +59,10 @@ flags.DEFINE_string("configs", "", "';'-separated name:key=value,... of ssmax.pa
                     "time too.")
 flags.DEFINE_list("config_shapes", [], "Shapes for --configs (default: --shapes).")
 flags.DEFINE_list("config_modes", [], "Modes for --configs (default: --modes).")
-flags.DEFINE_integer("paired", 0, "With --packed: also time each ssmax backend without and with "
-                     "segment_ids alternately, this many measurements each, and report the median "
-                     "of the pairs' ratios (harness.paired_seconds; 0: no).")
+flags.DEFINE_integer("paired", 0, "With --packed: instead of the table's cells, time each ssmax "
+                     "backend (and --configs blocking) without and with segment_ids alternately, "
+                     "this many measurements each, and report the median of the pairs' ratios "
+                     "(harness.paired_seconds; 0: no).")
 flags.DEFINE_integer("rounds", 1, "Time every cell this many times, the cell order reversed in "
                      "every other round (so drift in the GPU's speed does not favour the rows timed "
                      "first); the table gives each cell's median over rounds, and with --packed the "
@@ -168,7 +169,7 @@ def main(argv):
   if FLAGS.rounds < 1:
     raise app.UsageError(f"--rounds must be >= 1; got {FLAGS.rounds}")
   built = {}  # with several rounds: each cell's compiled call, kept for the next rounds
-  for r in range(FLAGS.rounds):
+  for r in range(0 if FLAGS.paired and FLAGS.packed else FLAGS.rounds):
     for shape, backend, label, kv, modes in (cells if r % 2 == 0 else cells[::-1]):
       kw = make_inputs(jax.random.PRNGKey(1), *SHAPES[shape], jnp.bfloat16)
       if label.endswith("+segments"):
