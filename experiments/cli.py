@@ -44,6 +44,7 @@ class Preset:
   # The learning rate's shape over the run (train.TrainConfig.lr_schedule, warmup_steps).
   lr_schedule: str = dataclasses.field(default="constant", kw_only=True)
   warmup_steps: int = dataclasses.field(default=0, kw_only=True)
+  decay_steps: int = dataclasses.field(default=0, kw_only=True)
   # Per-model exceptions to learning_rate and steps, as (model, value) pairs: the paper trains its
   # attention baselines at another rate, and for longer, than Mamba.
   model_learning_rates: tuple[tuple[str, float], ...] = dataclasses.field(default=(), kw_only=True)
@@ -59,7 +60,7 @@ class Preset:
 # Flags whose value, when given, replaces the preset's field of the same name.
 PRESET_FIELDS = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every",
                  "eval_examples", "stop_after_perfect_evals", "steps_per_call", "lr_schedule",
-                 "warmup_steps")
+                 "warmup_steps", "decay_steps")
 
 
 def define_flags(task: str, presets: Sequence[str], model_names: Sequence[str]) -> None:
@@ -74,6 +75,9 @@ def define_flags(task: str, presets: Sequence[str], model_names: Sequence[str]) 
   flags.DEFINE_enum("lr_schedule", None, ["constant", "cosine"], "constant, or cosine decay to 0 "
                     "at the last step; default: the preset's (constant).")
   flags.DEFINE_integer("warmup_steps", None, "Steps of linear warm-up from 0 to the learning rate; "
+                       "default: the preset's (0).")
+  flags.DEFINE_integer("decay_steps", None, "With --lr_schedule=cosine: decay over the last this "
+                       "many steps only, constant before (0: every step after the warm-up); "
                        "default: the preset's (0).")
   flags.DEFINE_integer("seed", 0, "Seed of the parameters, the data stream and the test sets.")
   flags.DEFINE_string("out_dir", None, f"Output directory; default runs/{task}_<preset>.")
@@ -122,8 +126,9 @@ def preset_changes(preset, model_names: Sequence[str], extra_fields: Sequence[st
                            f"eval_every={every[1]}")
   if changes.get("stop_after_perfect_evals", 0) < 0:
     raise app.UsageError("--stop_after_perfect_evals must be >= 0")
-  if changes.get("warmup_steps", 0) < 0:
-    raise app.UsageError("--warmup_steps must be >= 0")
+  for name in ("warmup_steps", "decay_steps"):
+    if changes.get(name, 0) < 0:
+      raise app.UsageError(f"--{name} must be >= 0")
   if FLAGS.max_train_seconds is not None and not FLAGS.max_train_seconds > 0:
     raise app.UsageError(f"--max_train_seconds must be > 0; got {FLAGS.max_train_seconds}")
   return changes
@@ -135,7 +140,8 @@ def train_config(preset: Preset, *, seed: int, resume: bool, progress: bool,
   :meth:`Preset.for_model`)."""
   return train.TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
                            learning_rate=preset.learning_rate, lr_schedule=preset.lr_schedule,
-                           warmup_steps=preset.warmup_steps, seed=seed,
+                           warmup_steps=preset.warmup_steps, decay_steps=preset.decay_steps,
+                           seed=seed,
                            log_every=preset.log_every, eval_every=preset.eval_every,
                            eval_examples=preset.eval_examples,
                            checkpoint_every=preset.checkpoint_every, resume=resume,
@@ -173,7 +179,8 @@ def describe_learning_rate(preset: Preset) -> str:
   if preset.model_learning_rates:
     text += " (" + ", ".join(f"{models.LABELS[n]}: {lr}" for n, lr in preset.model_learning_rates) + ")"
   if preset.lr_schedule != "constant":
-    text += f", {preset.lr_schedule} decay to 0 at the last step"
+    over = f" over the last {preset.decay_steps} steps" if preset.decay_steps else ""
+    text += f", {preset.lr_schedule} decay to 0 at the last step{over}"
   if preset.warmup_steps:
     text += f" after {preset.warmup_steps} steps of linear warm-up"
   return text
@@ -186,7 +193,8 @@ RESULT_FILE = "result.json"
 
 
 # Keys of comparable_settings present only when they differ from the defaults.
-OPTIONAL_SETTINGS = frozenset({"model_learning_rates", "lr_schedule", "warmup_steps"})
+OPTIONAL_SETTINGS = frozenset({"model_learning_rates", "lr_schedule", "warmup_steps",
+                               "decay_steps"})
 
 
 def comparable_settings(preset: Preset, seed: int, **extra) -> dict:
@@ -202,6 +210,8 @@ def comparable_settings(preset: Preset, seed: int, **extra) -> dict:
     optional["model_learning_rates"] = dict(preset.model_learning_rates)
   if preset.lr_schedule != "constant" or preset.warmup_steps:
     optional.update(lr_schedule=preset.lr_schedule, warmup_steps=preset.warmup_steps)
+  if preset.decay_steps:
+    optional["decay_steps"] = preset.decay_steps
   return {"task": {"name": type(preset.task).__name__, **dataclasses.asdict(preset.task)},
           "shape": shape, "seed": seed, "batch_size": preset.batch_size,
           "learning_rate": preset.learning_rate, **optional, **extra}
@@ -313,6 +323,7 @@ def write_results(out_dir: Path, preset: Preset, seed: int, results: dict, start
        "seed": seed, "batch_size": preset.batch_size, "learning_rate": preset.learning_rate,
        "model_learning_rates": dict(preset.model_learning_rates),
        "lr_schedule": preset.lr_schedule, "warmup_steps": preset.warmup_steps,
+       "decay_steps": preset.decay_steps,
        "eval_every": preset.eval_every,
        "stop_after_perfect_evals": preset.stop_after_perfect_evals,
        "models": results, "wall_seconds": round(time.perf_counter() - started, 1)}, indent=2))

@@ -105,6 +105,8 @@ class TrainConfig:
     lr_schedule: ``"constant"``, or ``"cosine"``: decay to 0 at step ``steps`` along half a cosine
       (:func:`optax.cosine_decay_schedule`). Either follows the warm-up.
     warmup_steps: steps of linear warm-up from 0 to ``learning_rate`` (0: none).
+    decay_steps: with ``"cosine"``, the cosine covers only the last ``decay_steps`` steps, the rate
+      staying at ``learning_rate`` until then (0: every step after the warm-up).
     seed: seeds the parameters (``nnx.Rngs(seed)``) and the data stream.
     log_every: steps averaged into one ``"train"`` record.
     eval_every: steps between ``"eval"`` records (0: only after the last step).
@@ -130,6 +132,7 @@ class TrainConfig:
   learning_rate: float
   lr_schedule: str = "constant"
   warmup_steps: int = 0
+  decay_steps: int = 0
   seed: int = 0
   log_every: int = 10
   eval_every: int = 0
@@ -144,7 +147,8 @@ class TrainConfig:
   def __post_init__(self):
     for name in ("steps", "batch_size", "log_every", "eval_examples", "steps_per_call"):
       _checks.positive_int(name, getattr(self, name))
-    for name in ("eval_every", "checkpoint_every", "stop_after_perfect_evals", "warmup_steps"):
+    for name in ("eval_every", "checkpoint_every", "stop_after_perfect_evals", "warmup_steps",
+                 "decay_steps"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
@@ -156,6 +160,11 @@ class TrainConfig:
     _checks.one_of("lr_schedule", self.lr_schedule, ("constant", "cosine"))
     if self.warmup_steps >= self.steps:
       raise ValueError(f"warmup_steps must be < steps={self.steps}; got {self.warmup_steps}")
+    if self.decay_steps and self.lr_schedule != "cosine":
+      raise ValueError(f"decay_steps needs lr_schedule='cosine'; got {self.lr_schedule!r}")
+    if self.decay_steps > self.steps - self.warmup_steps:
+      raise ValueError(f"decay_steps must be <= steps - warmup_steps = "
+                       f"{self.steps - self.warmup_steps}; got {self.decay_steps}")
     if self.log_every % self.steps_per_call or self.eval_every % self.steps_per_call:
       raise ValueError(f"steps_per_call must divide log_every={self.log_every} and eval_every="
                        f"{self.eval_every}; got {self.steps_per_call}")
@@ -176,13 +185,18 @@ def learning_rate_schedule(config: TrainConfig) -> float | optax.Schedule:
   peak, warmup = config.learning_rate, config.warmup_steps
   if config.lr_schedule == "constant" and not warmup:
     return peak
+  parts, bounds = [], []
+  if warmup:
+    parts, bounds = [optax.linear_schedule(0.0, peak, warmup)], [warmup]
   if config.lr_schedule == "constant":
-    after = optax.constant_schedule(peak)
+    parts.append(optax.constant_schedule(peak))
   else:
-    after = optax.cosine_decay_schedule(peak, config.steps - warmup)
-  if not warmup:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+    decay = config.decay_steps or config.steps - warmup
+    if decay < config.steps - warmup:  # constant until the decay starts
+      parts.append(optax.constant_schedule(peak))
+      bounds.append(config.steps - decay)
+    parts.append(optax.cosine_decay_schedule(peak, decay))
+  return parts[0] if len(parts) == 1 else optax.join_schedules(parts, bounds)
 
 
 @dataclasses.dataclass

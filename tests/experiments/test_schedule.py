@@ -35,11 +35,30 @@ def test_schedule_matches_its_closed_form(kind):
   assert float(lr(steps)) == pytest.approx(0.0 if kind == "cosine" else peak, rel=1e-6, abs=1e-12)
 
 
+def test_cosine_over_the_last_steps_only():
+  config = train.TrainConfig(steps=30, batch_size=2, learning_rate=1e-3, lr_schedule="cosine",
+                             warmup_steps=4, decay_steps=11)
+  lr = train.learning_rate_schedule(config)
+  for t in range(31):
+    if t < 4:
+      want = 1e-3 * t / 4
+    elif t < 19:
+      want = 1e-3
+    else:
+      want = 1e-3 * 0.5 * (1 + np.cos(np.pi * (t - 19) / 11))
+    np.testing.assert_allclose(float(lr(t)), want, rtol=1e-5, atol=1e-12, err_msg=f"step {t}")
+
+
 def test_config_rejects_bad_schedules():
   with pytest.raises(ValueError, match="lr_schedule"):
     train.TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, lr_schedule="linear")
   with pytest.raises(ValueError, match="warmup_steps must be < steps=5"):
     train.TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, warmup_steps=5)
+  with pytest.raises(ValueError, match="decay_steps needs lr_schedule='cosine'"):
+    train.TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, decay_steps=2)
+  with pytest.raises(ValueError, match="decay_steps must be <= steps - warmup_steps = 3"):
+    train.TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, lr_schedule="cosine",
+                      warmup_steps=2, decay_steps=4)
   with pytest.raises(ValueError, match="warmup_steps must be a non-negative integer"):
     train.TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, warmup_steps=-1)
 
