@@ -99,6 +99,9 @@ def define_flags(task: str, presets: Sequence[str], model_names: Sequence[str]) 
   flags.DEFINE_string("scan_backend", None, "Selective scan backend (auto, sequential, associative, "
                       "pallas); default: the preset's.")
   flags.DEFINE_bool("progress", True, "Show progress bars.")
+  flags.DEFINE_bool("tabulate_only", False, "Train nothing: rebuild the table, JSON and plots from "
+                    "the rows saved in --out_dir with these settings (e.g. after gathering rows "
+                    "trained in separate folders).")
 
 
 def preset_changes(preset, model_names: Sequence[str], extra_fields: Sequence[str] = ()) -> dict:
@@ -329,8 +332,11 @@ def write_results(out_dir: Path, preset: Preset, seed: int, results: dict, start
        "models": results, "wall_seconds": round(time.perf_counter() - started, 1)}, indent=2))
 
 
-def devices() -> str:
-  """``"<count> <platform> device(s)"``, for the results' header."""
+def devices(tabulated: bool = False) -> str:
+  """``"<count> <platform> device(s)"``, for the results' header; ``tabulated``: the rows were
+  trained by earlier calls, so this process's devices say nothing about them."""
+  if tabulated:
+    return "rows tabulated from earlier runs"
   return f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
 
 
@@ -340,4 +346,4 @@ def main(task: str, run: Callable[..., dict], preset: Preset) -> None:
   parallel.initialize_distributed()
   out_dir = FLAGS.out_dir or f"runs/{task}_{FLAGS.preset}"
   run(preset, out_dir, seed=FLAGS.seed, resume=FLAGS.resume, progress=FLAGS.progress,
-      max_train_seconds=FLAGS.max_train_seconds)
+      max_train_seconds=FLAGS.max_train_seconds, tabulate_only=FLAGS.tabulate_only)

@@ -161,9 +161,11 @@ def table(results: dict, preset: Preset) -> str:
 
 
 def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = False,
-        progress: bool = True, max_train_seconds: float | None = None) -> dict:
+        progress: bool = True, max_train_seconds: float | None = None,
+        tabulate_only: bool = False) -> dict:
   """Trains and tests every model of ``preset``, saving each model's result; writes the table,
-  JSON and plots of every result saved in ``out_dir`` with the same settings; returns those."""
+  JSON and plots of every result saved in ``out_dir`` with the same settings; returns those.
+  ``tabulate_only``: train nothing, only rebuild the table and plots from the saved rows."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
@@ -176,8 +178,9 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
             "test_seconds": round(time.perf_counter() - t_eval, 1),
             "accuracy_by_length": {str(k): v for k, v in by_length.items()}}
 
-  cli.train_each(preset, out_dir, comparable, test, seed=seed, resume=resume, progress=progress,
-                 max_train_seconds=max_train_seconds)
+  if not tabulate_only:
+    cli.train_each(preset, out_dir, comparable, test, seed=seed, resume=resume,
+                   progress=progress, max_train_seconds=max_train_seconds)
   results = cli.merged_results(out_dir, models.MODEL_NAMES, comparable)
   if not results:
     print(f"no model of {out_dir} is trained and tested yet; nothing to tabulate")
@@ -190,7 +193,7 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
   header = (f"Induction Heads: vocabulary {task.vocab_size}, trained at length {task.length} for "
             f"at most {preset.steps} steps{steps_note}{', ' + stopping if stopping else ''} (batch "
             f"{preset.batch_size}, {cli.describe_learning_rate(preset)}, {preset.shape.n_layer} layers, "
-            f"d_model {preset.shape.d_model}, seed {seed}, {cli.devices()}); accuracy (%) at each "
+            f"d_model {preset.shape.d_model}, seed {seed}, {cli.devices(tabulate_only)}); accuracy (%) at each "
             f"test length. Steps: where training stopped; Learned at: the first step of the last "
             f"run of 100% validation evaluations. Chance: {100 * task.chance_accuracy:.1f}%. A "
             f"dash: not run (quadratic attention).")

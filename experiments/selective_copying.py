@@ -48,7 +48,8 @@ PRESETS = {
 
 
 def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = False,
-        progress: bool = True, max_train_seconds: float | None = None) -> dict:
+        progress: bool = True, max_train_seconds: float | None = None,
+        tabulate_only: bool = False) -> dict:
   """Trains every model of ``preset``, saving each model's result; writes the table, JSON and plot
   of every result saved in ``out_dir`` with the same settings; returns those.
 
@@ -56,16 +57,18 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
   merged from every saved row with the same task, shape, seed, batch size and learning rate; a
   model stopped by ``max_train_seconds`` is left without a row (and no further model starts) until
   a call with ``resume`` finishes it; with ``resume``, a row saved with this call's settings is
-  reused.
+  reused. ``tabulate_only``: train nothing, only rebuild the table and plot from the saved rows.
   """
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
   comparable = cli.comparable_settings(preset, seed)
-  cli.train_each(preset, out_dir, comparable,
-                 lambda name, res: {"accuracy": res.final_accuracy, "loss": res.final_loss,
-                                    "paper_accuracy": PAPER_ACCURACY.get(name)},
-                 seed=seed, resume=resume, progress=progress, max_train_seconds=max_train_seconds)
+  if not tabulate_only:
+    cli.train_each(preset, out_dir, comparable,
+                   lambda name, res: {"accuracy": res.final_accuracy, "loss": res.final_loss,
+                                      "paper_accuracy": PAPER_ACCURACY.get(name)},
+                   seed=seed, resume=resume, progress=progress,
+                   max_train_seconds=max_train_seconds)
   results = cli.merged_results(out_dir, tuple(models.SSM_MODELS), comparable)
   if not results:
     print(f"no model of {out_dir} is trained yet; nothing to tabulate")
@@ -79,7 +82,7 @@ def run(preset: Preset, out_dir: str | Path, *, seed: int = 0, resume: bool = Fa
        "Paper, length 4096 (%)"], rows)
   header = (f"Selective Copying: length {task.length}, {task.num_tokens} data tokens, vocabulary "
             f"{task.vocab_size}; {preset.shape.n_layer} layers, d_model {preset.shape.d_model}, batch "
-            f"{preset.batch_size}, {cli.describe_learning_rate(preset)}, seed {seed}, {cli.devices()}. "
+            f"{preset.batch_size}, {cli.describe_learning_rate(preset)}, seed {seed}, {cli.devices(tabulate_only)}. "
             f"Steps: where training stopped; Learned at: the first step of the last run of 100% "
             f"validation evaluations. Chance: {100 * task.chance_accuracy:.1f}%.")
   cli.write_results(out_dir, preset, seed, results, t_start, f"{header}\n\n{table}")

@@ -122,3 +122,17 @@ def test_paper_preset_follows_appendix_e1():
   assert paper.for_model("mha_abs").learning_rate == paper.for_model("mha_rope").learning_rate == 2e-4
   assert paper.for_model("mamba_s6").steps == paper.for_model("mha_abs").steps == 8192 * 25
   assert paper.for_model("mha_rope").steps == 8192 * 50
+
+
+def test_tabulate_only_trains_nothing_and_rebuilds_the_table(tmp_path, monkeypatch):
+  first = induction_heads.run(dataclasses.replace(TINY, models=("mamba_s6",)), tmp_path,
+                              progress=False)
+  (tmp_path / "results.md").unlink()
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("tabulate_only trained a model")
+
+  monkeypatch.setattr(cli, "train_model", no_training)
+  again = induction_heads.run(TINY, tmp_path, progress=False, tabulate_only=True)
+  assert again == first  # mha_abs has no row: it is not trained either
+  assert "rows tabulated from earlier runs" in (tmp_path / "results.md").read_text()
