@@ -112,9 +112,12 @@ class Config:
       faster (H100 130m-train fwd+bwd 1.359 vs 1.327 ms) and slower to lower: off by default.
     num_sms: SMs the cost model fills (default: from the device, else 132).
     reset_tiles: with ``segment_ids``, the forward branches per tile on whether the tile holds a
-      reset, so that tiles without one skip the reset bias (one float32 add per state and token
-      before each ``exp2``). On by default: H100 forward with packed ids at 130m-train 0.299
-      against 0.325 ms with the bias on every tile (``results/bench_scan/2026-11-26_h100x4_rt``).
+      reset, so that tiles without one skip the reset bias. Off by default: the bias rides in the
+      FMA before each ``exp2`` (``Δ·A + bias``), so it costs nearly nothing, while the branch
+      costs. Timed in alternating pairs on an H100 (``results/bench_scan/2026-11-26_h100_paired``),
+      the forward with packed ids over the same forward without: 1.002 (130m-train) and 1.004
+      (1.4b-train) without the branch, 1.076 and 1.062 with it; the branch also triples the
+      forward's compile time (37-44 s against 12-15 s).
   """
 
   segments: int | None = None
@@ -126,7 +129,7 @@ class Config:
   sub: int | None = None
   early_pair: bool = False
   num_sms: int | None = None
-  reset_tiles: bool = True
+  reset_tiles: bool = False
 
 
 def _round_up(x, m):
