@@ -122,6 +122,7 @@ def test_paper_preset_follows_appendix_e1():
   assert paper.for_model("mha_abs").learning_rate == paper.for_model("mha_rope").learning_rate == 2e-4
   assert paper.for_model("mamba_s6").steps == paper.for_model("mha_abs").steps == 8192 * 25
   assert paper.for_model("mha_rope").steps == 8192 * 50
+  assert paper.stop_after_perfect_evals == 0  # the full count: stopping early cost extrapolation
 
 
 def test_tabulate_only_trains_nothing_and_rebuilds_the_table(tmp_path, monkeypatch):
