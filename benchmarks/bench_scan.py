@@ -168,8 +168,11 @@ def main(argv):
               for seg in ([""] + (["+segments"] if FLAGS.packed else []))]
   if FLAGS.rounds < 1:
     raise app.UsageError(f"--rounds must be >= 1; got {FLAGS.rounds}")
+  if FLAGS.paired < 0 or (FLAGS.paired and not FLAGS.packed):
+    raise app.UsageError(f"--paired needs --packed (it times the plain and the packed call) and "
+                         f"a count >= 0; got --paired={FLAGS.paired}, --packed={FLAGS.packed}")
   built = {}  # with several rounds: each cell's compiled call, kept for the next rounds
-  for r in range(0 if FLAGS.paired and FLAGS.packed else FLAGS.rounds):
+  for r in range(0 if FLAGS.paired else FLAGS.rounds):
     for shape, backend, label, kv, modes in (cells if r % 2 == 0 else cells[::-1]):
       kw = make_inputs(jax.random.PRNGKey(1), *SHAPES[shape], jnp.bfloat16)
       if label.endswith("+segments"):
@@ -195,7 +198,7 @@ def main(argv):
                   + (f"  {row['status']}" if row["error"] else "")
                   + (f"  jla vs ssmax pallas y rel err {row['agree']:.2e}" if row["agree"] else ""))
         bench.save(summary(report))
-  if FLAGS.paired and FLAGS.packed:
+  if FLAGS.paired:
     report["paired"] = paired(bench)
     bench.save(summary(report))
   bench.log("\n" + summary(report))

@@ -63,15 +63,17 @@ def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int = 2, inne
   if budget_s is not None:
     inner = max(1, min(inner, int(budget_s / 10 / max(one, 1e-6))))
     repeats = max(3, min(repeats, int(budget_s / (inner * max(one, 1e-6)))))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = None
-    for _ in range(inner):
-      out = fn()
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) / inner)
-  return statistics.median(samples)
+  return statistics.median(_measure(fn, inner) for _ in range(repeats))
+
+
+def _measure(fn: Callable[[], Any], inner: int) -> float:
+  """Seconds of one ``fn()`` call: ``inner`` calls enqueued back to back, blocking on the last."""
+  start = time.perf_counter()
+  out = None
+  for _ in range(inner):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / inner
 
 
 def paired_seconds(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats: int,
@@ -87,20 +89,12 @@ def paired_seconds(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats:
     jax.block_until_ready(fn_a())
     jax.block_until_ready(fn_b())
 
-  def one(fn):
-    start = time.perf_counter()
-    out = None
-    for _ in range(inner):
-      out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / inner
-
   a, b = [], []
   for i in range(repeats):  # a-b, then b-a: neither always goes first
     if i % 2:
-      b.append(one(fn_b)); a.append(one(fn_a))
+      b.append(_measure(fn_b, inner)); a.append(_measure(fn_a, inner))
     else:
-      a.append(one(fn_a)); b.append(one(fn_b))
+      a.append(_measure(fn_a, inner)); b.append(_measure(fn_b, inner))
   ratios = sorted(y / x for x, y in zip(a, b))
   q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]
   return {"a": statistics.median(a), "b": statistics.median(b),

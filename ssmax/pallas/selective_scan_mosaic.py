@@ -116,8 +116,8 @@ class Config:
       FMA before each ``exp2`` (``Δ·A + bias``), so it costs nearly nothing, while the branch
       costs. Timed in alternating pairs on an H100 (``results/bench_scan/2026-11-26_h100_paired``),
       the forward with packed ids over the same forward without: 1.002 (130m-train) and 1.004
-      (1.4b-train) without the branch, 1.076 and 1.062 with it; the branch also triples the
-      forward's compile time (37-44 s against 12-15 s).
+      (1.4b-train) without the branch, 1.076 and 1.062 with it. The branch also lengthens the
+      packed forward's compile (24-44 s in three runs, against 11-15 s in two without it).
   """
 
   segments: int | None = None

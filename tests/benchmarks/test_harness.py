@@ -147,3 +147,15 @@ def test_bench_scan_paired(run_script):
   (pair,) = report["paired"]
   assert pair["status"] == "ok" and pair["ratio"] > 0 and (pair["shape"], pair["mode"]) == ("tiny", "fwd")
   assert "timed alternately" in (run_dir / "bench_scan.md").read_text()
+
+
+def test_bench_scan_paired_needs_packed():
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_scan", "--tiny", "--paired=3",
+                         "--out_dir=/nonexistent/never_written"],
+                        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert proc.returncode != 0 and "--paired needs --packed" in proc.stderr
