@@ -45,6 +45,8 @@ class Preset:
   lr_schedule: str = dataclasses.field(default="constant", kw_only=True)
   warmup_steps: int = dataclasses.field(default=0, kw_only=True)
   decay_steps: int = dataclasses.field(default=0, kw_only=True)
+  # Global-norm gradient clipping before Adam (train.TrainConfig.grad_clip; 0: none).
+  grad_clip: float = dataclasses.field(default=0.0, kw_only=True)
   # Per-model exceptions to learning_rate and steps, as (model, value) pairs: the paper trains its
   # attention baselines at another rate, and for longer, than Mamba.
   model_learning_rates: tuple[tuple[str, float], ...] = dataclasses.field(default=(), kw_only=True)
@@ -60,7 +62,7 @@ class Preset:
 # Flags whose value, when given, replaces the preset's field of the same name.
 PRESET_FIELDS = ("steps", "batch_size", "learning_rate", "checkpoint_every", "eval_every",
                  "eval_examples", "stop_after_perfect_evals", "steps_per_call", "lr_schedule",
-                 "warmup_steps", "decay_steps")
+                 "warmup_steps", "decay_steps", "grad_clip")
 
 
 def define_flags(task: str, presets: Sequence[str], model_names: Sequence[str]) -> None:
@@ -79,6 +81,8 @@ def define_flags(task: str, presets: Sequence[str], model_names: Sequence[str]) 
   flags.DEFINE_integer("decay_steps", None, "With --lr_schedule=cosine: decay over the last this "
                        "many steps only, constant before (0: every step after the warm-up); "
                        "default: the preset's (0).")
+  flags.DEFINE_float("grad_clip", None, "Clip each gradient to this global norm before Adam (0: "
+                     "no clipping); default: the preset's (0).")
   flags.DEFINE_integer("seed", 0, "Seed of the parameters, the data stream and the test sets.")
   flags.DEFINE_string("out_dir", None, f"Output directory; default runs/{task}_<preset>.")
   flags.DEFINE_bool("resume", False, "Continue each model from its latest checkpoint in --out_dir.")
@@ -132,6 +136,8 @@ def preset_changes(preset, model_names: Sequence[str], extra_fields: Sequence[st
   for name in ("warmup_steps", "decay_steps"):
     if changes.get(name, 0) < 0:
       raise app.UsageError(f"--{name} must be >= 0")
+  if changes.get("grad_clip", 0) < 0:
+    raise app.UsageError(f"--grad_clip must be >= 0; got {changes['grad_clip']}")
   if FLAGS.max_train_seconds is not None and not FLAGS.max_train_seconds > 0:
     raise app.UsageError(f"--max_train_seconds must be > 0; got {FLAGS.max_train_seconds}")
   return changes
@@ -144,7 +150,7 @@ def train_config(preset: Preset, *, seed: int, resume: bool, progress: bool,
   return train.TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
                            learning_rate=preset.learning_rate, lr_schedule=preset.lr_schedule,
                            warmup_steps=preset.warmup_steps, decay_steps=preset.decay_steps,
-                           seed=seed,
+                           grad_clip=preset.grad_clip, seed=seed,
                            log_every=preset.log_every, eval_every=preset.eval_every,
                            eval_examples=preset.eval_examples,
                            checkpoint_every=preset.checkpoint_every, resume=resume,
@@ -186,6 +192,8 @@ def describe_learning_rate(preset: Preset) -> str:
     text += f", {preset.lr_schedule} decay to 0 at the last step{over}"
   if preset.warmup_steps:
     text += f" after {preset.warmup_steps} steps of linear warm-up"
+  if preset.grad_clip:
+    text += f", gradients clipped to global norm {preset.grad_clip}"
   return text
 
 
@@ -197,7 +205,7 @@ RESULT_FILE = "result.json"
 
 # Keys of comparable_settings present only when they differ from the defaults.
 OPTIONAL_SETTINGS = frozenset({"model_learning_rates", "lr_schedule", "warmup_steps",
-                               "decay_steps"})
+                               "decay_steps", "grad_clip"})
 
 
 def comparable_settings(preset: Preset, seed: int, **extra) -> dict:
@@ -215,6 +223,8 @@ def comparable_settings(preset: Preset, seed: int, **extra) -> dict:
     optional.update(lr_schedule=preset.lr_schedule, warmup_steps=preset.warmup_steps)
   if preset.decay_steps:
     optional["decay_steps"] = preset.decay_steps
+  if preset.grad_clip:
+    optional["grad_clip"] = preset.grad_clip
   return {"task": {"name": type(preset.task).__name__, **dataclasses.asdict(preset.task)},
           "shape": shape, "seed": seed, "batch_size": preset.batch_size,
           "learning_rate": preset.learning_rate, **optional, **extra}
@@ -326,7 +336,7 @@ def write_results(out_dir: Path, preset: Preset, seed: int, results: dict, start
        "seed": seed, "batch_size": preset.batch_size, "learning_rate": preset.learning_rate,
        "model_learning_rates": dict(preset.model_learning_rates),
        "lr_schedule": preset.lr_schedule, "warmup_steps": preset.warmup_steps,
-       "decay_steps": preset.decay_steps,
+       "decay_steps": preset.decay_steps, "grad_clip": preset.grad_clip,
        "eval_every": preset.eval_every,
        "stop_after_perfect_evals": preset.stop_after_perfect_evals,
        "models": results, "wall_seconds": round(time.perf_counter() - started, 1)}, indent=2))

@@ -107,6 +107,8 @@ class TrainConfig:
     warmup_steps: steps of linear warm-up from 0 to ``learning_rate`` (0: none).
     decay_steps: with ``"cosine"``, the cosine covers only the last ``decay_steps`` steps, the rate
       staying at ``learning_rate`` until then (0: every step after the warm-up).
+    grad_clip: clip the gradient to this global norm before Adam
+      (:func:`optax.clip_by_global_norm`; 0: no clipping, plain :func:`optax.adam`).
     seed: seeds the parameters (``nnx.Rngs(seed)``) and the data stream.
     log_every: steps averaged into one ``"train"`` record.
     eval_every: steps between ``"eval"`` records (0: only after the last step).
@@ -133,6 +135,7 @@ class TrainConfig:
   lr_schedule: str = "constant"
   warmup_steps: int = 0
   decay_steps: int = 0
+  grad_clip: float = 0.0
   seed: int = 0
   log_every: int = 10
   eval_every: int = 0
@@ -157,6 +160,9 @@ class TrainConfig:
                        f"resumed run logs the same windows; got {self.checkpoint_every}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate must be > 0; got {self.learning_rate!r}")
+    if isinstance(self.grad_clip, bool) or not (isinstance(self.grad_clip, (int, float))
+                                                and 0 <= self.grad_clip < math.inf):
+      raise ValueError(f"grad_clip must be a non-negative number; got {self.grad_clip!r}")
     _checks.one_of("lr_schedule", self.lr_schedule, ("constant", "cosine"))
     if self.warmup_steps >= self.steps:
       raise ValueError(f"warmup_steps must be < steps={self.steps}; got {self.warmup_steps}")
@@ -176,6 +182,15 @@ class TrainConfig:
                                              and not isinstance(self.max_seconds, bool)
                                              and 0 < self.max_seconds < math.inf):
       raise ValueError(f"max_seconds must be a positive number or None; got {self.max_seconds!r}")
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """Adam at :func:`learning_rate_schedule`, after clipping to ``config.grad_clip`` if set (without
+  it, plain Adam: the optimizer state of runs saved before clipping existed)."""
+  adam = optax.adam(learning_rate_schedule(config))
+  if not config.grad_clip:
+    return adam
+  return optax.chain(optax.clip_by_global_norm(config.grad_clip), adam)
 
 
 def learning_rate_schedule(config: TrainConfig) -> float | optax.Schedule:
@@ -558,7 +573,7 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
 
   model = make_model(nnx.Rngs(config.seed))
   lr = learning_rate_schedule(config)
-  optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
   for obj in (model, optimizer):  # the same on every process: one seed
     nnx.update(obj, parallel.replicate(mesh, nnx.state(obj)))
   # Replicated like the state: with several processes, checkpoints take only global arrays.

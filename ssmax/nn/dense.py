@@ -23,3 +23,35 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
   row = x.reshape(1, x.shape[-1])
   y = layer(jnp.concatenate([row, jnp.zeros_like(row)], axis=0))[:1]
   return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def dense_split(layer: nnx.Linear, x: jax.Array, sizes: tuple[int, ...]) -> tuple[jax.Array, ...]:
+  """``layer(x)`` split along its last axis into parts of ``sizes`` (summing to ``out_features``),
+  each computed as its own matrix product of a slice of the kernel, so that every part is written
+  contiguous: one product sliced afterwards made XLA copy the parts out (36 ms of a 1.4B prefill
+  at batch 64 on an H100). Same values as slicing ``dense(layer, x)``; a single row is computed
+  as two, as in :func:`dense`."""
+  if sum(sizes) != layer.out_features:
+    raise ValueError(f"sizes must sum to out_features={layer.out_features}; got {sizes}")
+  lead = x.shape[:-1]
+  single = math.prod(lead) == 1
+  if single:
+    row = x.reshape(1, x.shape[-1])
+    x = jnp.concatenate([row, jnp.zeros_like(row)], axis=0)
+  kernel = layer.kernel[...]
+  bias = layer.bias[...] if layer.bias is not None else None
+  x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
+  kwargs = {}
+  if layer.preferred_element_type is not None:
+    kwargs["preferred_element_type"] = layer.preferred_element_type
+  parts, start = [], 0
+  for size in sizes:
+    y = layer.dot_general(x, kernel[:, start:start + size], (((x.ndim - 1,), (0,)), ((), ())),
+                          precision=layer.precision, **kwargs)
+    if bias is not None:
+      y += jnp.reshape(bias[start:start + size], (1,) * (y.ndim - 1) + (-1,))
+    if single:
+      y = y[:1].reshape(*lead, size)
+    parts.append(y)
+    start += size
+  return tuple(parts)

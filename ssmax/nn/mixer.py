@@ -37,7 +37,7 @@ from flax import nnx
 from ssmax import _checks, sharding
 from ssmax.nn import init as inits
 from ssmax.nn.config import MambaConfig
-from ssmax.nn.dense import dense
+from ssmax.nn.dense import dense, dense_split
 from ssmax.nn.s4 import S4DLayer
 from ssmax.scan import segments, selective_scan, selective_state_update
 from ssmax.scan.inputs import check_segment_ids
@@ -273,10 +273,9 @@ class MambaMixer(nnx.Module):
     return u.astype(self.dtype)
 
   def _in_proj(self, x):
-    xz = dense(self.in_proj, x)
     if not self.gated:
-      return xz, None
-    return xz[..., :self.d_inner], xz[..., self.d_inner:]
+      return dense(self.in_proj, x), None
+    return dense_split(self.in_proj, x, (self.d_inner, self.d_inner))
 
   def _x_proj(self, u):
     """``u`` ``(b, l, d_inner)`` -> Δ before bias ``(b, l, d_inner)``, B, C ``(b, l, N)``."""

@@ -61,6 +61,35 @@ def test_config_rejects_bad_schedules():
                       warmup_steps=2, decay_steps=4)
   with pytest.raises(ValueError, match="warmup_steps must be a non-negative integer"):
     train.TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, warmup_steps=-1)
+  with pytest.raises(ValueError, match="grad_clip must be a non-negative number"):
+    train.TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, grad_clip=-1.0)
+
+
+def test_grad_clip_scales_a_large_gradient_to_the_norm():
+  # Adam's first step is lr * g / (|g| + eps) per element, so clipping shows in its first moment:
+  # mu = (1 - b1) * clipped gradient after one update.
+  config = train.TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, grad_clip=0.5)
+  opt = train.make_optimizer(config)
+  mu = lambda g: opt.update(g, opt.init(g), g)[1][1][0].mu
+  grads = {"a": np.array([3.0, 4.0], np.float32), "b": np.array([[12.0]], np.float32)}  # global norm 13
+  np.testing.assert_allclose(mu(grads)["a"], 0.1 * np.array([3.0, 4.0]) * 0.5 / 13, rtol=1e-6)
+  np.testing.assert_allclose(mu(grads)["b"], [[0.1 * 12.0 * 0.5 / 13]], rtol=1e-6)
+  small = {"a": np.array([0.03, 0.04], np.float32), "b": np.array([[0.12]], np.float32)}  # norm 0.13: unchanged
+  np.testing.assert_allclose(mu(small)["a"], 0.1 * small["a"], rtol=1e-6)
+  # Without clipping the optimizer is plain Adam (the state layout of older runs).
+  plain = train.make_optimizer(dataclasses.replace(config, grad_clip=0.0))
+  assert type(plain.init(grads)[0]).__name__ == "ScaleByAdamState"
+
+
+def test_clipped_run_records_its_setting(tmp_path):
+  preset = dataclasses.replace(TINY, models=("mamba_s6",), grad_clip=1.0)
+  results = induction_heads.run(preset, tmp_path, progress=False)
+  assert "gradients clipped to global norm 1.0" in (tmp_path / "results.md").read_text()
+  saved = json.loads((tmp_path / "mamba_s6" / "result.json").read_text())["settings"]
+  assert saved["grad_clip"] == 1.0 and "mamba_s6" in results
+  # A row trained with clipping is not merged into a table without it.
+  comparable = induction_heads.settings(dataclasses.replace(preset, grad_clip=0.0), 0)
+  assert cli.merged_results(tmp_path, models.MODEL_NAMES, comparable) == {}
 
 
 def test_scheduled_run_logs_its_rate_and_resumes_bit_identically(tmp_path):

@@ -499,3 +499,21 @@ def test_dense_pads_a_single_row_without_changing_it(shape):
   got = jax.jit(dense)(layer, x)
   assert got.shape == shape[:-1] + (5,)
   np.testing.assert_allclose(got, layer(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (1, 1, 7), (3, 7), (2, 5, 7)])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_dense_split_equals_slices_of_one_product(shape, use_bias):
+  from ssmax.nn.dense import dense_split
+
+  layer = nnx.Linear(7, 9, use_bias=use_bias, rngs=nnx.Rngs(seeds.draw()))
+  if use_bias:
+    layer.bias[...] = jax.random.normal(jax.random.key(seeds.draw()), (9,))
+  x = jax.random.normal(jax.random.key(seeds.draw()), shape)
+  parts = jax.jit(dense_split, static_argnums=2)(layer, x, (4, 2, 3))
+  want = np.asarray(layer(x))
+  for got, (a, b) in zip(parts, [(0, 4), (4, 6), (6, 9)]):
+    assert got.shape == shape[:-1] + (b - a,)
+    np.testing.assert_allclose(got, want[..., a:b], rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="sizes must sum to out_features=9"):
+    dense_split(layer, x, (4, 4))
