@@ -9,8 +9,8 @@ function of the seed and the step alone.
 Every ``checkpoint_every`` steps Orbax saves the parameters, the optimizer state, the step and the
 data key; ``resume=True`` restores the latest checkpoint and continues bit-identically (the
 metrics file is cut back to the restored step; see "Resume semantics" below). Progress goes to a tqdm bar and to
-``metrics.jsonl``: ``{"kind": "train", "step", "loss", "accuracy", "time_s"}`` (and ``"lr"`` with a
-schedule) averaged over the
+``metrics.jsonl``: ``{"kind": "train", "step", "loss", "accuracy", "grad_norm_max", "time_s"}``
+(and ``"lr"`` with a schedule) averaged (``grad_norm_max``: the largest gradient norm) over the
 last ``log_every`` steps and ``{"kind": "eval", "step", "loss", "accuracy"}`` on a fixed
 validation set.
 
@@ -390,43 +390,46 @@ def model_kwargs(batch) -> dict:
 
 
 def _train_step(model, optimizer, batch):
-  """One Adam step on ``batch``, in place on ``model`` and ``optimizer``; (loss, accuracy)."""
+  """One Adam step on ``batch``, in place on ``model`` and ``optimizer``; (loss, accuracy, the
+  gradient's global norm before any clipping)."""
   def loss_fn(model):
     return masked_loss_and_accuracy(model(batch.inputs, **model_kwargs(batch)), batch)
 
   (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
-  return loss, accuracy
+  return loss, accuracy, optax.tree.norm(grads)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,),
                    static_argnames=("count", "graphdef", "task", "batch_size", "batch_sharding",
                                     "state_sharding"))
-def _train_steps(state, data_key, start, loss_sum, acc_sum, *, count, graphdef, task, batch_size,
+def _train_steps(state, data_key, start, loss_sum, acc_sum, grad_max, *, count, graphdef, task, batch_size,
                  batch_sharding, state_sharding):
   """Steps ``start .. start + count - 1`` in one call, each drawing its batch from
   ``fold_in(data_key, step)`` on the device and taking one :func:`_train_step`; with
   ``count > 1``, a loop on the device. ``state`` is ``nnx.state((model, optimizer))`` (donated);
-  returns it updated, with ``loss_sum`` and ``acc_sum`` plus the steps' losses and accuracies. ``start`` is not static
+  returns it updated, with ``loss_sum`` and ``acc_sum`` plus the steps' losses and accuracies and
+  ``grad_max`` raised to their largest gradient norm (spikes show there). ``start`` is not static
   (one compilation serves every chunk of ``count`` steps); ``count`` is, so the loop's trip count
   is known to XLA (on a GPU it then runs the iterations without reading a loop condition back to
   the host)."""
 
   def body(i, carry):
-    state, loss_sum, acc_sum = carry
+    state, loss_sum, acc_sum, grad_max = carry
     model, optimizer = nnx.merge(graphdef, state)
     # The global batch, drawn inside the step: with several processes, every process runs this
     # same program on the same key and each device computes its own shard, so no process needs
     # the others' rows (nothing is sampled or placed from the host).
     batch = task.sample(jax.random.fold_in(data_key, start + i), batch_size)
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    loss, accuracy = _train_step(model, optimizer, batch)
+    loss, accuracy, grad_norm = _train_step(model, optimizer, batch)
     state = jax.lax.with_sharding_constraint(nnx.state((model, optimizer)), state_sharding)
-    return state, loss_sum + loss, acc_sum + accuracy
+    return state, loss_sum + loss, acc_sum + accuracy, jnp.maximum(grad_max, grad_norm)
 
+  carry = (state, loss_sum, acc_sum, grad_max)
   if count == 1:  # no loop: on the CPU a step inside a loop ran at half speed
-    return body(0, (state, loss_sum, acc_sum))
-  return lax.fori_loop(0, count, body, (state, loss_sum, acc_sum))
+    return body(0, carry)
+  return lax.fori_loop(0, count, body, carry)
 
 
 @functools.lru_cache(maxsize=None)
@@ -643,7 +646,7 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
              disable=not (config.progress and main), dynamic_ncols=True, leave=True)
   t0 = time.perf_counter()
   zero = jax.device_put(jnp.zeros((), jnp.float32), replicated)
-  window_loss = window_acc = zero
+  window_loss = window_acc = window_grad = zero
   done = start
   # The model and optimizer state between steps; written back into `model` and `optimizer` only
   # where they are read (evaluation, checkpoint, on_step, return): the steps donate it.
@@ -652,8 +655,9 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
   # serves the run; chunks end on every log, evaluation and checkpoint step.
   while done < config.steps and stop_reason is None:
     end = min(next_multiple(done, config.steps_per_call), config.steps)
-    state, window_loss, window_acc = run_steps(state, data_key, done, window_loss, window_acc,
-                                               count=end - done)
+    state, window_loss, window_acc, window_grad = run_steps(state, data_key, done, window_loss,
+                                                            window_acc, window_grad,
+                                                            count=end - done)
     stale = True
     bar.update(end - done)
     done = end
@@ -665,14 +669,15 @@ def train(make_model: Callable[[nnx.Rngs], nnx.Module], task, config: TrainConfi
     if done % config.log_every == 0 or done == config.steps:
       n = config.log_every if done % config.log_every == 0 else done % config.log_every
       record = {"kind": "train", "step": done, "loss": float(window_loss) / n,
-                "accuracy": float(window_acc) / n, "time_s": round(time_offset + time.perf_counter() - t0, 3)}
+                "accuracy": float(window_acc) / n, "grad_norm_max": float(window_grad),
+                "time_s": round(time_offset + time.perf_counter() - t0, 3)}
       if callable(lr):  # the rate of the window's last step
         record["lr"] = float(lr(done - 1))
       if not math.isfinite(record["loss"]):
         raise FloatingPointError(f"training loss became {record['loss']} at step {done}")
       log(record)
       bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
-      window_loss = window_acc = zero
+      window_loss = window_acc = window_grad = zero
     if due_eval:
       run_eval(done)
       if patience and perfect_streak(records)[0] >= patience:

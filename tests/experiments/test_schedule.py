@@ -81,6 +81,25 @@ def test_grad_clip_scales_a_large_gradient_to_the_norm():
   assert type(plain.init(grads)[0]).__name__ == "ScaleByAdamState"
 
 
+def test_train_records_the_largest_gradient_norm_of_each_window(tmp_path):
+  import jax
+  from flax import nnx
+
+  make = lambda rngs: models.make_model("mamba_s6", SHAPE, rngs)
+  config = train.TrainConfig(steps=4, batch_size=4, learning_rate=5e-3, log_every=2,
+                             progress=False, eval_examples=4, grad_clip=1e-3)
+  got = [r["grad_norm_max"] for r in train.train(make, TASK, config, tmp_path).records
+         if r["kind"] == "train"]
+  # By hand, step by step: the norm before clipping (clipping at 1e-3 would cap it there).
+  model = make(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, train.make_optimizer(config), wrt=nnx.Param)
+  data_key = jax.random.fold_in(jax.random.key(0), 1)
+  step = nnx.jit(train._train_step)
+  norms = [float(step(model, optimizer, TASK.sample(jax.random.fold_in(data_key, i), 4))[2])
+           for i in range(4)]
+  assert min(norms) > 1e-3
+  assert got == [pytest.approx(max(norms[:2]), rel=1e-4), pytest.approx(max(norms[2:]), rel=1e-4)]
+
 def test_clipped_run_records_its_setting(tmp_path):
   preset = dataclasses.replace(TINY, models=("mamba_s6",), grad_clip=1.0)
   results = induction_heads.run(preset, tmp_path, progress=False)
