@@ -1,4 +1,5 @@
-"""Dense layers applied to one row at a time (decoding at batch 1)."""
+"""Dense layers as XLA runs them fastest: one row as two (decoding at batch 1), and an output split
+into parts as one product per part (no slice copies)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssmax import _checks
+
 # XLA's GPU compiler rewrites a vector-matrix product whose operands hold fewer than 10^7 elements
 # into a multiply and a reduction over the matrix's major axis (its DotStrengthReduction pass). At
 # batch 1 such products ran several times below memory bandwidth on an H100
@@ -16,23 +19,33 @@ from flax import nnx
 
 
 def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
-  """``layer(x)`` for ``x`` ``(..., in_features)``; a single row is computed as two (the second
-  zero, then dropped), so that XLA keeps it a matrix product. Same result as ``layer(x)``."""
-  if math.prod(x.shape[:-1]) != 1:
-    return layer(x)
-  row = x.reshape(1, x.shape[-1])
-  y = layer(jnp.concatenate([row, jnp.zeros_like(row)], axis=0))[:1]
-  return y.reshape(*x.shape[:-1], y.shape[-1])
+  """``layer(x)`` for ``x`` ``(..., in_features)`` -> ``(..., out_features)`` in the layer's
+  compute dtype; a single row is computed as two (the second zero, then dropped), so that XLA
+  keeps it a matrix product. Same result as ``layer(x)``."""
+  return dense_split(layer, x, (layer.out_features,))[0]
 
 
 def dense_split(layer: nnx.Linear, x: jax.Array, sizes: tuple[int, ...]) -> tuple[jax.Array, ...]:
-  """``layer(x)`` split along its last axis into parts of ``sizes`` (summing to ``out_features``),
-  each computed as its own matrix product of a slice of the kernel, so that every part is written
-  contiguous: one product sliced afterwards made XLA copy the parts out (36 ms of a 1.4B prefill
-  at batch 64 on an H100). Same values as slicing ``dense(layer, x)``; a single row is computed
-  as two, as in :func:`dense`."""
-  if sum(sizes) != layer.out_features:
-    raise ValueError(f"sizes must sum to out_features={layer.out_features}; got {sizes}")
+  """``layer(x)`` split along its last axis into parts of ``sizes``, each computed as its own
+  matrix product of a slice of the kernel, so that every part is written contiguous: one product
+  sliced afterwards made XLA copy the parts out (36 ms of a 1.4B prefill at batch 64 on an H100).
+
+  Args:
+    layer: the ``nnx.Linear`` (its dtype promotion, precision, ``dot_general`` and bias apply).
+    x: ``(..., in_features)`` floating input; a single row is computed as two, as in :func:`dense`.
+    sizes: positive part widths summing to ``out_features``.
+
+  Returns:
+    One ``(..., size)`` array per size, in the layer's compute dtype: the same values as slicing
+    ``layer(x)``.
+  """
+  _checks.floating("x", x)
+  if x.ndim < 1 or x.shape[-1] != layer.in_features:
+    raise ValueError(f"x must have shape (..., in_features={layer.in_features}); got {x.shape}")
+  if (not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes)
+      or sum(sizes) != layer.out_features):
+    raise ValueError(f"sizes must be positive integers summing to out_features="
+                     f"{layer.out_features}; got {sizes}")
   lead = x.shape[:-1]
   single = math.prod(lead) == 1
   if single:

@@ -100,6 +100,7 @@ def test_train_records_the_largest_gradient_norm_of_each_window(tmp_path):
   assert min(norms) > 1e-3
   assert got == [pytest.approx(max(norms[:2]), rel=1e-4), pytest.approx(max(norms[2:]), rel=1e-4)]
 
+
 def test_clipped_run_records_its_setting(tmp_path):
   preset = dataclasses.replace(TINY, models=("mamba_s6",), grad_clip=1.0)
   results = induction_heads.run(preset, tmp_path, progress=False)

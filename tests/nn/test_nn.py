@@ -503,17 +503,30 @@ def test_dense_pads_a_single_row_without_changing_it(shape):
 
 @pytest.mark.parametrize("shape", [(1, 7), (1, 1, 7), (3, 7), (2, 5, 7)])
 @pytest.mark.parametrize("use_bias", [True, False])
-def test_dense_split_equals_slices_of_one_product(shape, use_bias):
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_dense_split_matches_a_float64_product(shape, use_bias, dtype):
   from ssmax.nn.dense import dense_split
 
-  layer = nnx.Linear(7, 9, use_bias=use_bias, rngs=nnx.Rngs(seeds.draw()))
+  layer = nnx.Linear(7, 9, use_bias=use_bias, dtype=dtype, rngs=nnx.Rngs(seeds.draw()))
   if use_bias:
     layer.bias[...] = jax.random.normal(jax.random.key(seeds.draw()), (9,))
   x = jax.random.normal(jax.random.key(seeds.draw()), shape)
   parts = jax.jit(dense_split, static_argnums=2)(layer, x, (4, 2, 3))
-  want = np.asarray(layer(x))
+  # float64 reference from the operands as the layer sees them (cast to its compute dtype)
+  cast = (lambda a: np.asarray(a)) if dtype is None else (
+      lambda a: np.asarray(jnp.asarray(a).astype(dtype).astype(jnp.float32)))
+  want = cast(x).astype(np.float64) @ cast(layer.kernel[...]).astype(np.float64)
+  if use_bias:
+    want = want + cast(layer.bias[...]).astype(np.float64)
+  tol = 1e-5 if dtype is None else 2e-2  # bf16 output rounding
   for got, (a, b) in zip(parts, [(0, 4), (4, 6), (6, 9)]):
-    assert got.shape == shape[:-1] + (b - a,)
-    np.testing.assert_allclose(got, want[..., a:b], rtol=1e-6, atol=1e-6)
-  with pytest.raises(ValueError, match="sizes must sum to out_features=9"):
+    assert got.shape == shape[:-1] + (b - a,) and got.dtype == layer(x).dtype
+    np.testing.assert_allclose(np.asarray(got, np.float64), want[..., a:b], rtol=tol, atol=tol)
+  with pytest.raises(ValueError, match="sizes must be positive integers summing to out_features=9"):
     dense_split(layer, x, (4, 4))
+  with pytest.raises(ValueError, match="sizes must be positive"):
+    dense_split(layer, x, (9, 0))
+  with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., in_features=7\)"):
+    dense_split(layer, x[..., :5], (9,))
+  with pytest.raises(ValueError, match="x must have a floating-point dtype"):
+    dense_split(layer, jnp.ones(shape, jnp.int32), (9,))
