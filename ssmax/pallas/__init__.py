@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import jax
 
-# Imported eagerly: the first pallas_call otherwise imports it lazily, which adds a setting to JAX's
-# tracing context and makes every compiled function miss its cache once (seen with generate).
-import jax.experimental.pallas.fuser  # noqa: F401
-
 from ssmax.pallas import selective_scan_triton
 from ssmax.pallas.selective_scan_mosaic import Config
 from ssmax.pallas.selective_scan_mosaic import selective_scan as _mosaic_scan

@@ -6,6 +6,10 @@ import enum
 import math
 
 import jax
+# Imported with ssmax, not with the kernels: the first pallas_call imports it otherwise, which adds
+# a setting to JAX's tracing context, so that every function jitted before then (a training step
+# whose first trace reached the kernel) traced and lowered a second time on its second call.
+import jax.experimental.pallas.fuser  # noqa: F401
 from jax import lax
 
 from ssmax.scan import reference
