@@ -10,9 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(module, tmp_path, *args):
+def _run(module, tmp_path, *args, preset="paper"):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", module, "--preset=paper", "--steps=2",
+  proc = subprocess.run([sys.executable, "-m", module, f"--preset={preset}", "--steps=2",
                          "--progress=false", f"--out_dir={tmp_path}", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -27,6 +27,16 @@ def test_selective_copying_paper_preset(tmp_path):
   assert set(results["models"]) == {"s4", "mamba_s6"}
   assert all(r["stopped_at_step"] == 2 for r in results["models"].values())
   assert (tmp_path / "accuracy_vs_step.png").exists()
+
+
+def test_selective_copying_paper_80k_preset(tmp_path):
+  # The GPU-budget protocol of the README, its cosine shortened to the last of two steps.
+  results = _run("experiments.selective_copying", tmp_path, "--models=mamba_s6", "--batch_size=4",
+                 "--eval_examples=8", "--checkpoint_every=0", "--decay_steps=1", preset="paper_80k")
+  assert results["task"]["length"] == 4096 and results["shape"]["d_model"] == 64
+  assert results["learning_rate"] == 1e-3 and results["grad_clip"] == 1.0
+  assert results["lr_schedule"] == "cosine" and results["decay_steps"] == 1
+  assert results["models"]["mamba_s6"]["stopped_at_step"] == 2
 
 
 def test_induction_heads_paper_preset(tmp_path):

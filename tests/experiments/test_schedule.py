@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import cli, induction_heads, models, tasks, train
+from experiments import cli, induction_heads, models, selective_copying, tasks, train
 
 TASK = tasks.SelectiveCopying(length=19, num_tokens=3, vocab_size=6)
 SHAPE = models.ModelShape(vocab_size=6, d_model=8, n_layer=1, d_state=3, n_head=2, max_len=32,
@@ -172,6 +172,14 @@ def test_paper_preset_follows_appendix_e1():
   assert paper.for_model("mamba_s6").steps == paper.for_model("mha_abs").steps == 8192 * 25
   assert paper.for_model("mha_rope").steps == 8192 * 50
   assert paper.stop_after_perfect_evals == 0  # the full count: stopping early cost extrapolation
+
+
+def test_selective_copying_paper_80k_keeps_the_papers_task_model_and_batch():
+  paper, budget = selective_copying.PRESETS["paper"], selective_copying.PRESETS["paper_80k"]
+  assert (budget.task, budget.shape, budget.models, budget.batch_size) == (
+      paper.task, paper.shape, paper.models, paper.batch_size)
+  assert (budget.steps, budget.decay_steps, budget.lr_schedule) == (80_000, 10_000, "cosine")
+  assert (budget.learning_rate, budget.grad_clip, budget.warmup_steps) == (1e-3, 1.0, 0)
 
 
 def test_tabulate_only_trains_nothing_and_rebuilds_the_table(tmp_path, monkeypatch):
