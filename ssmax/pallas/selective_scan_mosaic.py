@@ -105,7 +105,8 @@ class Config:
     bwd_stages: TMA ring depth of the backward (default: 2, or 1 where shared memory is short).
     unroll: tokens per iteration of the token loops (forward with saved states, pre-passes).
     primal_unroll: the same for the forward that saves nothing (no backward follows): 8 ran
-      7% faster than 4 at 130m-train on an H200 but lowers in 12 s instead of 4.
+      7% faster than 4 at 130m-train on an H200 but lowered in 12 s instead of 4 (Warpgroup
+      lowering, below).
     sub: tokens per register sub-tile of the backward (default: the smallest that fits SMEM).
     early_pair: in the backward, take the dB/dC butterfly's first step per state as soon as
       that state's two products exist (16 live values instead of 32). Correct on the GPU but no
@@ -118,6 +119,11 @@ class Config:
       the forward with packed ids over the same forward without: 1.002 (130m-train) and 1.004
       (1.4b-train) without the branch, 1.076 and 1.062 with it. The branch also lengthens the
       packed forward's compile (24-44 s in three runs, against 11-15 s in two without it).
+    lowering: Mosaic GPU's lowering semantics, ``"lane"`` (default) or ``"warpgroup"`` (Pallas's
+      default). The kernels fix every register layout themselves (``Layout.WG_STRIDED``), so
+      Lane semantics, which take the layouts as written, lower them in ~1 s; Warpgroup semantics
+      first run Mosaic GPU's layout inference over every op of the unrolled token loops, ~95% of a
+      15-25 s lowering (the 130m-train forward and forward+backward, profiled on a CPU).
   """
 
   segments: int | None = None
@@ -130,6 +136,10 @@ class Config:
   early_pair: bool = False
   num_sms: int | None = None
   reset_tiles: bool = False
+  lowering: str = "lane"
+
+
+_LOWERINGS = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}
 
 
 def _round_up(x, m):
@@ -207,6 +217,7 @@ class _Plan:
   # pre-passes then cover every segment, and the shards' totals are chained across devices.
   axis: str | None = None
   reset_tiles: bool = False  # Config.reset_tiles (used with has_resets only)
+  lowering: str = "lane"  # Config.lowering
 
   @property
   def dp(self):
@@ -243,6 +254,8 @@ def _bwd_smem(p_state_pad, tile_bytes, stages, sub, products, resets=False):
 
 def _make_plan(u, delta, z, B, C, A, D, delta_bias, softplus, interpret, config: Config,
                resets: bool = False) -> _Plan:
+  if config.lowering not in _LOWERINGS:
+    raise ValueError(f"Config.lowering must be one of {tuple(_LOWERINGS)}; got {config.lowering!r}")
   for name in ("unroll", "primal_unroll", "sub"):
     v = getattr(config, name)
     if v is not None and (v < 1 or TILE % v):
@@ -383,7 +396,8 @@ def _kernel(p: _Plan, name, body, grid, *, out_type, **kwargs):
     kernel = plgpu.kernel(
         body, out_type=out_type, grid=grid, grid_names=("d", "b", "s"), kernel_name=name,
         interpret=interpret,
-        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
+                                             lowering_semantics=_LOWERINGS[p.lowering]),
         **kwargs)
     # Indices are int32 (block ids); with jax_enable_x64 on, Python ints would trace as int64.
     with jax.enable_x64(False):
@@ -1089,7 +1103,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_s
   config = config or Config()
   p = _make_plan(u, delta, z, B, C, A, D, delta_bias, delta_softplus, interpret, config,
                  resets=segment_ids is not None)
-  p = dataclasses.replace(p, axis=sequence_axis, reset_tiles=config.reset_tiles)
+  p = dataclasses.replace(p, axis=sequence_axis, reset_tiles=config.reset_tiles,
+                          lowering=config.lowering)
   rb = None if segment_ids is None else _reset_bias_array(p, segment_ids)
   scan = _scan_sliced if p.state_pad > MAX_STATE_PER_CALL else _scan
   y, last = scan(p, u, delta, A, B, C, D, z, delta_bias, initial_state, rb)

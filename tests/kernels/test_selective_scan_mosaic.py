@@ -118,3 +118,32 @@ def test_unsupported_reason():
   assert mosaic.unsupported_reason(*args()) is None
   assert "complex" in mosaic.unsupported_reason(*args(A=x["A"].astype(np.complex64)))
   assert "exceeds" in mosaic.unsupported_reason(*args(A=np.zeros((4, 300), np.float32)))
+
+
+@pytest.mark.parametrize("case", ["every-option", "packed", "state-slices", "long-segments"])
+def test_kernels_lower_for_the_gpu(case):
+  # Mosaic GPU's own lowering, forward and backward, run on the CPU: the interpreter above accepts
+  # things the GPU lowering does not (layouts, unsupported ops), and this is what the GPU compiles.
+  b, l, d, n, g = {"every-option": (2, 37, 5, 3, 1), "packed": (2, 100, 130, 16, 2),
+                   "state-slices": (1, 40, 8, 40, 1), "long-segments": (1, 4096, 128, 16, 1)}[case]
+  bf, f32 = jnp.bfloat16, jnp.float32
+  s = jax.ShapeDtypeStruct
+  args = (s((b, l, d), bf), s((b, l, d), bf), s((d, n), f32), s((b, l, g, n), bf),
+          s((b, l, g, n), bf), s((d,), f32), s((b, l, d), bf), s((d,), f32), s((b, d, n), f32))
+  ids = s((b, l), jnp.int32) if case == "packed" else None
+
+  def loss(*a):
+    y, last = mosaic.selective_scan(*a[:9], delta_softplus=True, segment_ids=a[9] if ids else None)
+    return y.astype(f32).sum() + last.sum()
+
+  grad = jax.grad(loss, argnums=tuple(range(9)))
+  lowered = jax.jit(grad).trace(*args, *([ids] if ids else [])).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_lowering_semantics_are_checked():
+  assert mosaic.Config().lowering == "lane"
+  x = make_inputs(1, 8, 4, 4, 1)
+  with pytest.raises(ValueError, match=r"Config.lowering must be one of \('lane', 'warpgroup'\)"):
+    mosaic.selective_scan(*(jnp.asarray(x[k]) for k in ("u", "delta", "A", "B", "C")),
+                          config=mosaic.Config(lowering="tile"), interpret=True)
