@@ -53,9 +53,11 @@ skip and the z gate, and dz, dD, are then done by XLA). Every slice shares one l
 
 Compile cost (JAX 0.11.2, H100, ``jit(...).lower().compile()``): the token loops are unrolled
 ``primal_unroll`` = 8 (forward without saving), ``unroll`` = 4 (forward with saving, pre-passes) and
-``sub`` = 2 (backward) tokens deep inside ``fori_loop``s. Forward alone 10-14 s; forward+backward
-20-25 s unsplit (3 kernels) and 37 s with segments (4 kernels, long-32k). State 32 in one kernel
-lowered for minutes, hence the 16-state slices.
+``sub`` = 2 (backward) tokens deep inside ``fori_loop``s. With Lane lowering semantics
+(``Config.lowering``): forward 1.4-2.1 s, forward+backward 3.7-6.5 s at the benchmark shapes
+(results/bench_scan/2026-11-27_h100_lane). With Warpgroup semantics, which run Mosaic GPU's layout
+inference first, they took 10-26 s and 17-37 s. State 32 in one kernel lowered for minutes (under
+Warpgroup semantics), hence the 16-state slices.
 
 Measured (H100, bf16, softplus/z/D on, median of 20 × 5 enqueued calls, results/run6): forward
 0.283 / 0.286 / 0.950 ms and forward+backward 1.322 / 1.385 / 3.634 ms at 130m-train /
