@@ -123,9 +123,10 @@ class Config:
       packed forward's compile (24-44 s in three runs, against 11-15 s in two without it).
     lowering: Mosaic GPU's lowering semantics, ``"lane"`` (default) or ``"warpgroup"`` (Pallas's
       default). The kernels fix every register layout themselves (``Layout.WG_STRIDED``), so
-      Lane semantics, which take the layouts as written, lower them in ~1 s; Warpgroup semantics
-      first run Mosaic GPU's layout inference over every op of the unrolled token loops, ~95% of a
-      15-25 s lowering (the 130m-train forward and forward+backward, profiled on a CPU).
+      Lane semantics, which take the layouts as written, lower them in 1-5 s; Warpgroup semantics
+      first run Mosaic GPU's layout inference over every op of the unrolled token loops, 86-90% of
+      a 19-45 s lowering at the benchmark shapes (profiled on a CPU:
+      results/bench_scan/2026-11-27_h100_lane/lowering_profile.py).
   """
 
   segments: int | None = None

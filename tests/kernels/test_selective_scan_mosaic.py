@@ -120,20 +120,25 @@ def test_unsupported_reason():
   assert "exceeds" in mosaic.unsupported_reason(*args(A=np.zeros((4, 300), np.float32)))
 
 
-@pytest.mark.parametrize("case", ["every-option", "packed", "state-slices", "long-segments"])
+@pytest.mark.parametrize("case", ["every-option", "packed", "packed-reset-tiles", "early-pair",
+                                  "state-slices", "long-segments"])
 def test_kernels_lower_for_the_gpu(case):
   # Mosaic GPU's own lowering, forward and backward, run on the CPU: the interpreter above accepts
   # things the GPU lowering does not (layouts, unsupported ops), and this is what the GPU compiles.
+  # The non-default blockings too (reset_tiles, early_pair: the latter only outside the interpreter).
   b, l, d, n, g = {"every-option": (2, 37, 5, 3, 1), "packed": (2, 100, 130, 16, 2),
+                   "packed-reset-tiles": (2, 100, 130, 16, 2), "early-pair": (1, 70, 130, 16, 1),
                    "state-slices": (1, 40, 8, 40, 1), "long-segments": (1, 4096, 128, 16, 1)}[case]
+  config = mosaic.Config(reset_tiles=case == "packed-reset-tiles", early_pair=case == "early-pair")
   bf, f32 = jnp.bfloat16, jnp.float32
   s = jax.ShapeDtypeStruct
   args = (s((b, l, d), bf), s((b, l, d), bf), s((d, n), f32), s((b, l, g, n), bf),
           s((b, l, g, n), bf), s((d,), f32), s((b, l, d), bf), s((d,), f32), s((b, d, n), f32))
-  ids = s((b, l), jnp.int32) if case == "packed" else None
+  ids = s((b, l), jnp.int32) if case.startswith("packed") else None
 
   def loss(*a):
-    y, last = mosaic.selective_scan(*a[:9], delta_softplus=True, segment_ids=a[9] if ids else None)
+    y, last = mosaic.selective_scan(*a[:9], delta_softplus=True, segment_ids=a[9] if ids else None,
+                                    config=config)
     return y.astype(f32).sum() + last.sum()
 
   grad = jax.grad(loss, argnums=tuple(range(9)))
