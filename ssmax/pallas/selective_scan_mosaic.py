@@ -90,6 +90,7 @@ _F32 = jnp.float32
 _NEG = float(np.finfo(np.float32).min)
 _VEC = plgpu.Layout.WG_STRIDED((BLOCK,), vec_size=1)  # thread i holds channel i
 _RESET_COLS = 4  # the reset bias travels as (TILE, 4) float32 tiles: TMA rows of 16 bytes
+_XCH = 3  # per token, the second backward warpgroup's partial dΔ, du and C·h
 # Segments chained per loop iteration between the passes: the cost model picks at most 2 CTAs per
 # SM in all (16-22 segments at long-32k: fully unrolled), but Config.segments may ask for hundreds.
 _CHAIN_UNROLL = 32
@@ -127,6 +128,10 @@ class Config:
       first run Mosaic GPU's layout inference over every op of the unrolled token loops, 86-90% of
       a 19-45 s lowering at the benchmark shapes (profiled on a CPU:
       results/bench_scan/2026-11-27_h100_lane/lowering_profile.py).
+    bwd_warpgroups: warpgroups per backward CTA, 1 or 2. With 2 each takes half of the states of
+      the same 128 channels (two warps per scheduler hide each other's latency); the second
+      hands its per-token partial sums (dΔ, du and C·h) to the first through shared memory, one
+      sub-tile at a time. Default: 2 from 8 states up.
   """
 
   segments: int | None = None
@@ -140,6 +145,7 @@ class Config:
   num_sms: int | None = None
   reset_tiles: bool = False
   lowering: str = "lane"
+  bwd_warpgroups: int | None = None
 
 
 _LOWERINGS = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}
@@ -221,6 +227,7 @@ class _Plan:
   axis: str | None = None
   reset_tiles: bool = False  # Config.reset_tiles (used with has_resets only)
   lowering: str = "lane"  # Config.lowering
+  bwd_wg: int = 1  # Config.bwd_warpgroups
 
   @property
   def dp(self):
@@ -247,12 +254,13 @@ class _Plan:
     return 32
 
 
-def _bwd_smem(p_state_pad, tile_bytes, stages, sub, products, resets=False):
+def _bwd_smem(p_state_pad, tile_bytes, stages, sub, products, resets=False, wg=1):
   ring = stages * (4 * TILE * BLOCK * tile_bytes + 2 * TILE * p_state_pad * 4
                    + resets * TILE * _RESET_COLS * 4)
   subs = (TILE // sub) * p_state_pad * BLOCK * 4
   part = 4 * TILE * products * 4
-  return ring + subs + part
+  xch = (wg - 1) * TILE * _XCH * BLOCK * 4  # the second warpgroup's partial sums, one tile
+  return ring + subs + part + xch
 
 
 def _make_plan(u, delta, z, B, C, A, D, delta_bias, softplus, interpret, config: Config,
@@ -284,28 +292,42 @@ def _make_plan(u, delta, z, B, C, A, D, delta_bias, softplus, interpret, config:
   tile_bytes = max(jnp.dtype(x.dtype).itemsize for x in tiled)
   if np_ > MAX_STATE_PER_CALL:  # sliced: slices of MAX_STATE_PER_CALL, float32 dy
     np_, tile_bytes = _round_up(n, MAX_STATE_PER_CALL), 4
-  stages, sub = _fit_bwd(min(np_, MAX_STATE_PER_CALL), tile_bytes, config, resets)
+  np_call = min(np_, MAX_STATE_PER_CALL)
+  wg = config.bwd_warpgroups or (2 if np_call >= 8 else 1)
+  if wg not in (1, 2):
+    raise ValueError(f"Config.bwd_warpgroups must be 1 or 2; got {wg}")
+  if wg == 2 and config.early_pair:
+    raise ValueError("Config.early_pair applies to one backward warpgroup (bwd_warpgroups=1)")
+  stages, sub = _fit_bwd(np_call, tile_bytes, config, resets, wg)
   return _Plan(b, l, d, n, gb, gc, g, cpg, cpgp, np_, tiles, seg, bseg, config.stages, stages,
                config.unroll, config.primal_unroll, sub, config.early_pair, D is not None,
                z is not None,
                delta_bias is not None,
-               bool(softplus), bool(interpret), bool(resets))
+               bool(softplus), bool(interpret), bool(resets), bwd_wg=wg)
 
 
-def _fit_bwd(np_, tile_bytes, config: Config, resets: bool = False):
+def _fit_bwd(np_, tile_bytes, config: Config, resets: bool = False, wg: int = 1):
   """Backward ring depth and register sub-tile that fit shared memory (short sub-tiles first:
-  they keep the recomputed states in registers without spilling)."""
+  they keep the recomputed states in registers without spilling). Two warpgroups take the
+  products of token pairs together, so their sub-tiles are even."""
   products = 32
   stages = config.bwd_stages or 2
   sub = config.sub
+  if wg == 2 and sub is not None and sub % 2:
+    raise ValueError(f"Config.sub must be even with two backward warpgroups; got {sub}")
+  fits = lambda stages, sub: _bwd_smem(np_, tile_bytes, stages, sub, products, resets,
+                                       wg) <= SMEM_BYTES
   if sub is None:
     for sub in (2, 4, 8, 16, 32):
-      if _bwd_smem(np_, tile_bytes, stages, sub, products, resets) <= SMEM_BYTES:
+      if fits(stages, sub):
         break
     else:
       stages, sub = 1, 4
-  while _bwd_smem(np_, tile_bytes, stages, sub, products, resets) > SMEM_BYTES and stages > 1:
+  while not fits(stages, sub) and stages > 1:
     stages -= 1
+  if not fits(stages, sub):
+    raise ValueError(f"the backward's shared memory exceeds {SMEM_BYTES} bytes with sub={sub} "
+                     f"and {wg} warpgroup(s); use a longer Config.sub")
   return stages, sub
 
 
@@ -1016,6 +1038,220 @@ def _bwd_call(p: _Plan, arrays):
   return ddt, du, dz, dbc, dA, dD, dbias, dh0
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _bwd_call_wg2(p: _Plan, arrays):
+  """The backward kernel with two warpgroups per CTA: warpgroup w owns states
+  ``[w·h, w·h + h)`` (h = np / 2) of the same 128 channels, so each SM runs two warps per scheduler.
+
+  Both walk the tiles of :func:`_bwd_call` (pass 1 parks their states' sub-tile entries, pass 2
+  runs the adjoint) on the shared TMA ring, which warpgroup 0 refills once warpgroup 1 has released
+  the slot (``consumed``). Per token the sums over states are split in two: warpgroup 1 writes its
+  partial dΔ (before softplus), du and C·h into a shared slot per sub-tile (``full``); warpgroup 0
+  adds its own, finishes dΔ, du, dz, dD, dbias and stores them, and frees the slot (``empty``). So
+  warpgroup 1 runs up to one tile ahead and neither waits while the other is in another pass.
+  Their dB/dC products (h of each per token, padded to 8) go through the butterfly a token pair at
+  a time; the partial sums land in ``dbc[b, block, w]`` as 16 per token (dC, then dB)."""
+  n_st, nt, ss, sub = p.state_pad, p.tiles, p.bwd_segments, p.sub
+  half = n_st // 2
+  per = -(-nt // ss)
+  nsub = TILE // sub
+  names = ["dt", "u", "dy"] + (["z"] if p.has_z else [])
+  bc_names = ["B", "C"] + (["rb"] if p.has_resets else [])
+  in_names = (names + bc_names + (["bias"] if p.has_bias else []) + (["D"] if p.has_d else [])
+              + ["a2t", "states", "gend"])
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
+  big = lambda k: jax.ShapeDtypeStruct((p.batch, p.lp, p.dp),
+                                       _F32 if p.f32_out else arrays[k].dtype)
+  out_names = ["ddt", "du"] + (["dz"] if p.has_z else []) + ["dbc", "dA", "dD", "dbias", "dh0"]
+  out_type = [big("dt"), big("u")] + ([big("z")] if p.has_z else []) + [
+      f32(p.batch, p.nblk, 2, p.lp * 16), f32(p.batch, ss, n_st, p.dp), f32(p.batch, ss, p.dp),
+      f32(p.batch, ss, p.dp), f32(p.batch, n_st, p.dp)]
+  stages = max(1, min(p.bwd_stages, per))
+  scratch = _smem(p, arrays, names, bc_names, stages)
+  scratch["subs"] = plgpu.SMEM((2, nsub, half, BLOCK), _F32)
+  scratch["part"] = plgpu.SMEM((2, 4, TILE * 16), _F32)
+  scratch["xch"] = plgpu.SMEM((nsub, sub, _XCH, BLOCK), _F32)
+  scratch["full"] = plgpu.Barrier(num_arrivals=1, num_barriers=nsub)
+  scratch["empty"] = plgpu.Barrier(num_arrivals=1, num_barriers=nsub)
+  scratch["consumed"] = plgpu.Barrier(num_arrivals=1, num_barriers=stages)
+  red_layout = plgpu.Layout.WG_STRIDED((TILE * 16,), vec_size=4)
+
+  def body(*refs_in, **scratch_refs):
+    refs = dict(zip(in_names + out_names, refs_in))
+    refs.update(scratch_refs)
+    xch = refs["xch"]
+    di, bi, si = lax.axis_index("d"), lax.axis_index("b"), lax.axis_index("s")
+    cols = pl.ds(di * BLOCK, BLOCK)
+    ring = _Ring(refs, names, bc_names, _groups_of(p, di), refs["bars"], stages, bi, di, cols)
+    last = jnp.minimum(si * per + per, nt) - 1
+    count = last + 1 - si * per
+    bias = _vec(refs["bias"].at[cols]) if p.has_bias else None
+    zero = _full(0.0)
+
+    def run(w):  # warpgroup w, its states st
+      st = [w * half + j for j in range(half)]
+      subs, part = refs["subs"].at[w], refs["part"].at[w]
+      if w == 0:
+        _prologue(count, nt - (ss - 1) * per, stages, lambda i: ring.fetch(last - i, i))
+      dskip = _vec(refs["D"].at[cols]) if (w == 0 and p.has_d) else None
+      a2 = [_vec(refs["a2t"].at[s, cols]) for s in st]
+      g0 = tuple(_vec(refs["gend"].at[bi, si, s, cols]) for s in st)
+      acc0 = (tuple(zero for _ in st), zero, zero)
+
+      def tile(k, carry):
+        n = last - k
+        slot = lax.rem(k, stages)
+        plgpu.barrier_wait(refs["bars"].at[slot])
+        t_s = {name: refs[name + "_s"].at[slot] for name in names + bc_names}
+
+        def inputs(t):
+          dt, dsp = _delta(p, _vec(t_s["dt"].at[t]), bias, n * TILE + t)
+          return dt, dsp, _vec(t_s["u"].at[t]).astype(_F32)
+
+        def advance(h, t, dec, dtu):
+          return [dec[j] * h[j] + dtu * t_s["B"][t, s] for j, s in enumerate(st)]
+
+        def pass1(q, h):  # the state entering every sub-tile, parked in shared memory
+          h = list(h)
+          for j in range(half):
+            subs[q, j, :] = h[j]
+          for r in range(sub):
+            t = q * sub + r
+            dt, _, uu = inputs(t)
+            rb = _reset_bias(p, t_s, t)
+            h = advance(h, t, [_decay(dt, a2[j], rb) for j in range(half)], dt * uu)
+          return tuple(h)
+
+        h = tuple(_vec(refs["states"].at[bi, n, s, cols]) for s in st)
+        h = lax.fori_loop(0, nsub - 1, pass1, h)
+        for j in range(half):
+          subs[nsub - 1, j, :] = h[j]
+
+        def pass2(i, carry):
+          g, (da, dd, db) = carry
+          g, da = list(g), list(da)
+          q = nsub - 1 - i
+          h = [_vec(subs.at[q, j]) for j in range(half)]
+          hist = []
+          for r in range(sub):
+            t = q * sub + r
+            dt, dsp, uu = inputs(t)
+            dtu = dt * uu
+            rb = _reset_bias(p, t_s, t)
+            dec = [_decay(dt, a2[j], rb) for j in range(half)]
+            hist.append((dt, dsp, uu, dtu, h, dec))
+            if r + 1 < sub:
+              h = advance(h, t, dec, dtu)
+          if w == 0:
+            plgpu.barrier_wait(refs["full"].at[q])
+          else:
+            pl.when(k > 0)(lambda: plgpu.barrier_wait(refs["empty"].at[q]))
+          pad = [zero] * (8 - half)
+          prods = [None] * sub
+          for r in reversed(range(sub)):
+            t = q * sub + r
+            tok = n * TILE + t
+            dt, dsp, uu, dtu, hp, dec = hist[r]
+            dy = _vec(t_s["dy"].at[t]).astype(_F32)
+            if p.has_z:
+              zz = _vec(t_s["z"].at[t]).astype(_F32)
+              sg = _sigmoid(zz)
+              dout = dy * (zz * sg)
+            else:
+              dout = dy
+            ys = dskip * uu if dskip is not None else zero
+            gb = zero
+            gda = zero
+            dc, dbp = [], []
+            for j, s in enumerate(st):
+              cj = t_s["C"][t, s]
+              bj = t_s["B"][t, s]
+              ht = dec[j] * hp[j] + dtu * bj
+              ys = ys + ht * cj
+              gg = g[j] + dout * cj
+              dc.append(ht * dout)
+              dbp.append(gg * dtu)
+              gb = gb + gg * bj
+              g[j] = gg * dec[j]
+              qq = g[j] * hp[j]
+              da[j] = da[j] + qq * dt
+              gda = gda + qq * a2[j]
+            prods[r] = dc + pad + dbp + pad
+            if r % 2 == 0:  # the pair (t, t + 1): 32 products, one butterfly
+              _lane_sums(p, part.at[:, pl.ds(t * 16, 32)], prods[r] + prods[r + 1])
+            ddelta = gda * _LN2 + gb * uu
+            du = gb * dt
+            if w == 1:
+              xch[q, r, 0, :] = ddelta
+              xch[q, r, 1, :] = du
+              xch[q, r, 2, :] = ys
+              continue
+            ddelta = ddelta + _vec(xch.at[q, r, 0])
+            du = du + _vec(xch.at[q, r, 1])
+            ys = ys + _vec(xch.at[q, r, 2])
+            if dsp is not None:
+              ddelta = ddelta * dsp
+            if p.ragged:
+              ddelta = ddelta * (tok < p.length).astype(_F32)
+            db = db + ddelta
+            if p.has_d:
+              du = du + dskip * dout
+              dd = dd + dout * uu
+            refs["ddt"][bi, tok, cols] = ddelta.astype(refs["ddt"].dtype)
+            refs["du"][bi, tok, cols] = du.astype(refs["du"].dtype)
+            if p.has_z:
+              dz = dy * ys * (sg * (1.0 + zz * (1.0 - sg)))
+              refs["dz"][bi, tok, cols] = dz.astype(refs["dz"].dtype)
+          if w == 1:
+            plgpu.barrier_arrive(refs["full"].at[q])
+          else:  # the last tile's slots are never refilled: nobody waits for them
+            pl.when(k + 1 < count)(lambda: plgpu.barrier_arrive(refs["empty"].at[q]))
+          return tuple(g), (tuple(da), dd, db)
+
+        carry = lax.fori_loop(0, nsub, pass2, carry)
+        plgpu.commit_smem()  # this warpgroup's dB/dC rows are written
+        refill = k + stages < count
+        if w == 1:
+          pl.when(refill)(lambda: plgpu.barrier_arrive(refs["consumed"].at[slot]))
+        else:
+          @pl.when(refill)
+          def _():
+            plgpu.barrier_wait(refs["consumed"].at[slot])
+            ring.fetch(n - stages, slot)
+
+        total = None
+        for v in range(4):
+          x = plgpu.load(part.at[v], layout=red_layout, optimized=False)
+          total = x if total is None else total + x
+        refs["dbc"][bi, di, w, pl.ds(n * (TILE * 16), TILE * 16)] = total
+        plgpu.commit_smem()  # every thread has read the rows before the next tile rewrites them
+        return carry
+
+      g, (da, dd, db) = lax.fori_loop(0, count, tile, (g0, acc0))
+      for j, s in enumerate(st):
+        refs["dA"][bi, si, s, cols] = da[j]
+      if w == 0:
+        refs["dD"][bi, si, cols] = dd
+        refs["dbias"][bi, si, cols] = db
+
+      @pl.when(si == 0)
+      def _():
+        for j, s in enumerate(st):
+          refs["dh0"][bi, s, cols] = g[j]
+
+    wg = lax.axis_index("wg")
+    pl.when(wg == 0)(functools.partial(run, 0))
+    pl.when(wg == 1)(functools.partial(run, 1))
+
+  call = _kernel(p, "ssm_bwd_wg2", body, (p.nblk, p.batch, ss), out_type=tuple(out_type),
+                 scratch_types=scratch, num_threads=2, thread_name="wg")
+  outs = list(call(*(arrays[k] for k in in_names)))
+  ddt, du = outs[:2]
+  dz = outs[2] if p.has_z else None
+  dbc, dA, dD, dbias, dh0 = outs[3:] if p.has_z else outs[2:]
+  return ddt, du, dz, dbc, dA, dD, dbias, dh0
+
+
 def _backward(p: _Plan, arrays, states, dy, dlast_t):
   """With ``p.axis``: each shard's (cotangent entering it from a zero cotangent at its end,
   total decay) pair is chained across devices, last shard first, into the cotangent at this
@@ -1043,7 +1279,8 @@ def _backward(p: _Plan, arrays, states, dy, dlast_t):
     gend = jnp.concatenate([jnp.moveaxis(before, 0, 1), gend_last[:, None]], axis=1)
   else:
     gend = gend_last[:, None]
-  outs = _bwd_call(p, dict(arrays, states=states, gend=gend))
+  kernel = _bwd_call_wg2 if p.bwd_wg == 2 else _bwd_call
+  outs = kernel(p, dict(arrays, states=states, gend=gend))
   if p.axis is not None:  # the initial state enters the first shard only
     first = lax.axis_index(p.axis) == 0
     outs = (*outs[:-1], jnp.where(first, outs[-1], jnp.zeros_like(outs[-1])))
@@ -1173,11 +1410,23 @@ def _scan_bwd(p: _Plan, res, cts):
   dlast_t = _state_pad(p, dlast)
   ddt, du, dz, dbc, dA, dD, dbias, dh0 = _backward(
       p, arrays, states, _chan(p, dy.astype(arrays["u"].dtype)), dlast_t)
-  dbc = dbc.reshape(p.batch, p.nblk, p.lp, p.products)
-  return (*_finish_grads(p, du, ddt, dbc[..., :p.state_pad], dbc[..., 16:16 + p.state_pad],
+  dcs, dbs = _dbc_parts(p, dbc)
+  return (*_finish_grads(p, du, ddt, dcs, dbs,
                         dA.sum(axis=(0, 1)), None if dD is None else dD.sum(axis=(0, 1)), dz,
                         dbias.sum(axis=(0, 1)), dh0, A, B, C, D, arrays.get("z"), delta_bias,
                         initial_state, arrays), None)  # no cotangent for the reset bias
+
+
+def _dbc_parts(p: _Plan, dbc):
+  """The backward kernel's dB/dC partial sums -> ``(dcs, dbs)``, each (b, nblk, Lp, np)."""
+  if p.bwd_wg == 1:  # per token: dC at [0, np), dB at [16, 16 + np)
+    dbc = dbc.reshape(p.batch, p.nblk, p.lp, p.products)
+    return dbc[..., :p.state_pad], dbc[..., 16:16 + p.state_pad]
+  # per warpgroup and token: its half of dC at [0, h), of dB at [8, 8 + h)
+  h = p.state_pad // 2
+  dbc = dbc.reshape(p.batch, p.nblk, 2, p.lp, 16)
+  both = lambda lo: jnp.concatenate([dbc[:, :, 0, :, lo:lo + h], dbc[:, :, 1, :, lo:lo + h]], -1)
+  return both(0), both(8)
 
 
 def _finish_grads(p: _Plan, du, ddt, dcs, dbs, dA, dD, dz, dbias, dh0, A, B, C, D, z, delta_bias,
@@ -1274,10 +1523,9 @@ def _scan_sliced_bwd(p: _Plan, res, cts):
   du = sum(o[1] for o in outs)
   if p.has_d:
     du = du + dout * arrays["D"]
-  b, m, k = p.batch, ps.products, MAX_STATE_PER_CALL
-  dbc = jnp.stack([o[3].reshape(b, p.nblk, p.lp, m) for o in outs], axis=3)  # (b, nblk, Lp, S, m)
-  dcs = dbc[..., :k].reshape(b, p.nblk, p.lp, p.state_pad)
-  dbs = dbc[..., k:2 * k].reshape(b, p.nblk, p.lp, p.state_pad)
+  parts = [_dbc_parts(ps, o[3]) for o in outs]  # per slice, (b, nblk, Lp, 16) each
+  dcs = jnp.concatenate([c for c, _ in parts], axis=-1)
+  dbs = jnp.concatenate([d for _, d in parts], axis=-1)
   dA = jnp.concatenate([o[4].sum(axis=(0, 1)) for o in outs], axis=0)
   dbias = sum(o[6].sum(axis=(0, 1)) for o in outs)
   dh0 = jnp.concatenate([o[7] for o in outs], axis=1)
