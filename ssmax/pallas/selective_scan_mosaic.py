@@ -166,14 +166,16 @@ def _num_sms(config: Config) -> int:
 
 
 def choose_segments(ctas: int, tiles: int, num_sms: int, prepass_cost: float,
-                    launch_tiles: float = 8.0) -> int:
+                    launch_tiles: float = 8.0, max_per_sm: int = 2) -> int:
   """Segments per row that minimise the estimated time, in units of one CTA's tile.
 
   Each of ``ctas * s`` CTAs walks ``ceil(tiles / s)`` tiles, ``num_sms`` at a time (waves); the
   pre-pass (``prepass_cost`` of a main tile per tile) runs on ``s - 1`` segments; ``launch_tiles``
   charges the extra launches and the combine. Ties go to more segments (more CTAs to hide
-  latency), up to two CTAs per SM. Calibrated on an H200 (run3): 130m-train (96 CTAs) is fastest
-  unsplit, long-32k (16 CTAs) split in 16 beats 8 (forward 1.02 vs 1.12 ms).
+  latency), up to ``max_per_sm`` CTAs per SM. Calibrated on an H200: the forward (run3):
+  130m-train (96 CTAs) is fastest unsplit, long-32k (16 CTAs) split in 16 beats 8 (1.02 vs
+  1.12 ms); the backward (results/bench_scan/2026-12-04_h200_wg2): 130m-train in 4 segments
+  (384 CTAs, 3 waves of 16 tiles instead of one of 64 on 96 of the 132 SMs) beats unsplit.
   """
   def cost(s):
     per = -(-tiles // s)
@@ -185,7 +187,7 @@ def choose_segments(ctas: int, tiles: int, num_sms: int, prepass_cost: float,
 
   best = 1
   for s in range(2, tiles + 1):
-    if ctas * s > 2 * num_sms:
+    if ctas * s > max_per_sm * num_sms:
       break
     if cost(s) <= cost(best) + 1e-9:
       best = s
@@ -283,7 +285,9 @@ def _make_plan(u, delta, z, B, C, A, D, delta_bias, softplus, interpret, config:
   sms = _num_sms(config)
   # Pre-pass cost per tile relative to the main pass (no y stores / no dB,dC reduction).
   seg = config.segments or choose_segments(ctas, tiles, sms, 0.6)
-  bseg = config.bwd_segments or choose_segments(ctas, tiles, sms, 0.5)
+  # The backward's pre-pass runs the adjoint only (~1/4 of a main tile) and its segments pay off
+  # up to ~4 waves: 96 CTAs (130m-train) leave 36 of 132 SMs idle unsplit.
+  bseg = config.bwd_segments or choose_segments(ctas, tiles, sms, 0.25, 2.0, 4)
   seg, bseg = max(1, min(seg, tiles)), max(1, min(bseg, tiles))
   # Uneven segments: all but the last hold ceil(tiles / S) tiles.
   seg = -(-tiles // -(-tiles // seg))
@@ -791,7 +795,11 @@ def _lane_sums_mgpu(m, first_offset):
 @functools.partial(jax.jit, static_argnums=(0,))
 def _bwd_local_call(p: _Plan, arrays):
   """Adjoint over segments 1..S-1 (0..S-1 with ``p.axis``) from a zero cotangent at their end:
-  the cotangent of the state entering each (b, S', np, dp) and its ΣΔ (b, S', dp)."""
+  the cotangent of the state entering each (b, S', np, dp) and its ΣΔ (b, S', dp).
+
+  One warpgroup of all the states, also with two backward warpgroups: a version splitting the
+  states over two (as :func:`_bwd_call_wg2`) took 182 against 159 µs at 130m-train on an H200
+  (results/bench_scan/2026-12-04_h200_wg2)."""
   n_st, nt, ss = p.state_pad, p.tiles, p.bwd_segments
   per = -(-nt // ss)
   skip = 0 if p.axis is not None else 1  # segment 0's pre-pass is needed only across devices

@@ -54,10 +54,25 @@ def test_every_option_at_a_ragged_length():
   check((1, 37, 5, 4, 1))
 
 
-def test_segments_groups_and_channel_padding():
+@pytest.mark.parametrize("warpgroups", [1, 2])
+def test_segments_groups_and_channel_padding(warpgroups):
   # 4 tiles in uneven segments in both directions; 2 groups of 65 channels, each padded to its
-  # own 128-channel block.
-  check((2, 100, 130, 5, 2), config=mosaic.Config(segments=3, bwd_segments=3, stages=2))
+  # own 128-channel block. With two backward warpgroups each takes 4 of the 8 states (6 padded)
+  # and the second hands its partial sums to the first per sub-tile.
+  check((2, 100, 130, 6, 2), config=mosaic.Config(segments=3, bwd_segments=3, stages=2,
+                                                  bwd_warpgroups=warpgroups))
+
+
+def test_backward_warpgroups_checked():
+  x = make_inputs(1, 37, 5, 4, 1)
+  run = lambda **kw: mosaic.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"],
+                                           config=mosaic.Config(**kw), interpret=True)
+  with pytest.raises(ValueError, match="bwd_warpgroups must be 1 or 2; got 3"):
+    run(bwd_warpgroups=3)
+  with pytest.raises(ValueError, match="sub must be even"):
+    run(bwd_warpgroups=2, sub=1)
+  with pytest.raises(ValueError, match="early_pair applies to one backward warpgroup"):
+    run(bwd_warpgroups=2, early_pair=True)
 
 
 def test_one_state_no_options_no_softplus():
@@ -110,6 +125,10 @@ def test_segments_from_the_cost_model():
   assert mosaic.choose_segments(16, 1024, 132, 0.6) >= 4
   assert mosaic.choose_segments(128, 64, 132, 0.6) == 1
   assert mosaic.choose_segments(16, 1, 132, 0.6) == 1
+  # The backward's cheaper pre-pass, up to 4 CTAs per SM: 96 CTAs of 64 tiles (130m-train) run as
+  # 3 waves of 16 tiles on all 132 SMs; 128 CTAs (1.4b-train) already fill them.
+  assert mosaic.choose_segments(96, 64, 132, 0.25, 2.0, 4) == 4
+  assert mosaic.choose_segments(128, 64, 132, 0.25, 2.0, 4) == 1
 
 
 def test_unsupported_reason():
@@ -129,7 +148,8 @@ def test_kernels_lower_for_the_gpu(case):
   b, l, d, n, g = {"every-option": (2, 37, 5, 3, 1), "packed": (2, 100, 130, 16, 2),
                    "packed-reset-tiles": (2, 100, 130, 16, 2), "early-pair": (1, 70, 130, 16, 1),
                    "state-slices": (1, 40, 8, 40, 1), "long-segments": (1, 4096, 128, 16, 1)}[case]
-  config = mosaic.Config(reset_tiles=case == "packed-reset-tiles", early_pair=case == "early-pair")
+  config = mosaic.Config(reset_tiles=case == "packed-reset-tiles", early_pair=case == "early-pair",
+                         bwd_warpgroups=1 if case == "early-pair" else None)
   bf, f32 = jnp.bfloat16, jnp.float32
   s = jax.ShapeDtypeStruct
   args = (s((b, l, d), bf), s((b, l, d), bf), s((d, n), f32), s((b, l, g, n), bf),
