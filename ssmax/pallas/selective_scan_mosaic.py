@@ -47,21 +47,32 @@ warps' rows are added and written as this block's partial sums; XLA adds the blo
 dbias are per-(segment, batch) partials that XLA adds: every sum has a fixed order, so the
 backward is deterministic (no atomics).
 
+Two backward warpgroups (``Config.bwd_warpgroups``, the default from 8 states): the CTA's two
+warpgroups each take half of the states of the same 128 channels (:func:`_bwd_call_wg2`), so
+each scheduler has two warps to issue from; the second hands its per-token partial sums over its
+states (dΔ, du, C·h) to the first through a shared slot per sub-tile (full/empty mbarriers), and
+the first finishes and stores the token's gradients. Nsight Compute, 130m-train, H200: 2.75
+instead of 2.25 instructions issued per active cycle (results/profile_scan/2026-12-04_h200).
+The backward's sequence segments may fill up to 4 CTAs per SM (its pre-pass runs the adjoint
+only): 130m-train's 96 CTAs, on 96 of 132 SMs, become 384 in 3 waves of 16 tiles.
+
 State sizes. Up to ``MAX_STATE_PER_CALL`` = 16 states run in one kernel; larger states (to 256)
 run as slices of 16 whose float32 partial sums XLA adds (y, du and dΔ are sums over states; the D
 skip and the z gate, and dz, dD, are then done by XLA). Every slice shares one lowering.
 
 Compile cost (JAX 0.11.2, H100, ``jit(...).lower().compile()``): the token loops are unrolled
 ``primal_unroll`` = 8 (forward without saving), ``unroll`` = 4 (forward with saving, pre-passes) and
-``sub`` = 2 (backward) tokens deep inside ``fori_loop``s. With Lane lowering semantics
-(``Config.lowering``): forward 1.4-2.1 s, forward+backward 3.7-6.5 s at the benchmark shapes
-(results/bench_scan/2026-11-27_h100_lane). With Warpgroup semantics, which run Mosaic GPU's layout
+``sub`` = 2 (backward; 4 with two warpgroups, whose exchange slots leave no room for 2) tokens deep
+inside ``fori_loop``s. With Lane lowering semantics (``Config.lowering``): forward 1.4-2.1 s,
+forward+backward 3.7-6.5 s at the benchmark shapes (results/bench_scan/2026-11-27_h100_lane);
+with two backward warpgroups 5.8-11.9 s (H200, results/bench_scan/2026-12-04_h200_wg2). With Warpgroup semantics, which run Mosaic GPU's layout
 inference first, they took 10-26 s and 17-37 s. State 32 in one kernel lowered for minutes (under
 Warpgroup semantics), hence the 16-state slices.
 
-Measured (H100, bf16, softplus/z/D on, median of 20 × 5 enqueued calls, results/run6): forward
-0.283 / 0.286 / 0.950 ms and forward+backward 1.322 / 1.385 / 3.634 ms at 130m-train /
-1.4b-train / long-32k; jax-linear-attention on the same machine: 0.320 and 1.322 ms at 130m-train.
+Measured (H200, bf16, softplus/z/D on, median of 2 rounds of 20 x 5 enqueued calls,
+results/bench_scan/2026-12-04_h200_wg2): forward 0.307 / 0.306 / 0.888 ms and forward+backward
+1.248 / 1.339 / 3.289 ms at 130m-train / 1.4b-train / long-32k; jax-linear-attention in the same
+run: 0.320 / 0.329 / 4.116 and 1.319 / 1.411 / 6.811 ms.
 """
 
 from __future__ import annotations
