@@ -803,6 +803,60 @@ def _lane_sums_mgpu(m, first_offset):
   return lane_sums
 
 
+class _Recompute:
+  """The forward recomputed inside one backward tile ``n`` (shared tiles ``t_s``) for the states
+  ``st`` (their A·log2(e) in ``a2``): :meth:`park` is pass 1, :meth:`history` the start of pass 2."""
+
+  def __init__(self, p: _Plan, t_s, bias, n, a2, st, subs):
+    self.p, self.t_s, self.bias, self.n, self.a2, self.st, self.subs = p, t_s, bias, n, a2, st, subs
+
+  def inputs(self, t):
+    """Δ, dΔ/draw and u of token ``t``."""
+    dt, dsp = _delta(self.p, _vec(self.t_s["dt"].at[t]), self.bias, self.n * TILE + t)
+    return dt, dsp, _vec(self.t_s["u"].at[t]).astype(_F32)
+
+  def decays(self, t, dt):
+    rb = _reset_bias(self.p, self.t_s, t)
+    return [_decay(dt, a, rb) for a in self.a2]
+
+  def advance(self, h, t, dec, dtu):
+    return [dec[j] * h[j] + dtu * self.t_s["B"][t, s] for j, s in enumerate(self.st)]
+
+  def park(self, h):
+    """Pass 1: from the tile's entering states ``h``, the state entering every sub-tile, parked
+    in shared memory (each thread its own column: no synchronisation)."""
+    sub, nsub, subs = self.p.sub, TILE // self.p.sub, self.subs
+
+    def step(q, h):
+      h = list(h)
+      for j in range(len(h)):
+        subs[q, j, :] = h[j]
+      for r in range(sub):
+        t = q * sub + r
+        dt, _, uu = self.inputs(t)
+        h = self.advance(h, t, self.decays(t, dt), dt * uu)
+      return tuple(h)
+
+    h = lax.fori_loop(0, nsub - 1, step, h)
+    for j in range(len(h)):
+      subs[nsub - 1, j, :] = h[j]
+
+  def history(self, q):
+    """Sub-tile ``q``'s tokens in order: (Δ, dΔ/draw, u, Δu, entering states, decays) each, the
+    states and decays recomputed into registers from the parked ones."""
+    h = [_vec(self.subs.at[q, j]) for j in range(len(self.st))]
+    hist = []
+    for r in range(self.p.sub):
+      t = q * self.p.sub + r
+      dt, dsp, uu = self.inputs(t)
+      dtu = dt * uu
+      dec = self.decays(t, dt)
+      hist.append((dt, dsp, uu, dtu, h, dec))
+      if r + 1 < self.p.sub:
+        h = self.advance(h, t, dec, dtu)
+    return hist
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _bwd_local_call(p: _Plan, arrays):
   """Adjoint over segments 1..S-1 (0..S-1 with ``p.axis``) from a zero cotangent at their end:
@@ -926,48 +980,15 @@ def _bwd_call(p: _Plan, arrays):
       plgpu.barrier_wait(refs["bars"].at[slot])
       t_s = {name: refs[name + "_s"].at[slot] for name in names + bc_names}
 
-      def inputs(t):
-        raw = _vec(t_s["dt"].at[t])
-        dt, dsp = _delta(p, raw, bias, n * TILE + t)
-        uu = _vec(t_s["u"].at[t]).astype(_F32)
-        return dt, dsp, uu
-
-      def advance(h, t, dec, dtu):
-        return [dec[j] * h[j] + dtu * t_s["B"][t, j] for j in range(n_st)]
-
-      # Pass 1: the state entering every sub-tile, parked in shared memory (own column).
-      def pass1(s, h):
-        h = list(h)
-        for j in range(n_st):
-          subs[s, j, :] = h[j]
-        for r in range(sub):
-          t = s * sub + r
-          dt, _, uu = inputs(t)
-          rb = _reset_bias(p, t_s, t)
-          h = advance(h, t, [_decay(dt, a2[j], rb) for j in range(n_st)], dt * uu)
-        return tuple(h)
-
-      h = tuple(_vec(refs["states"].at[bi, n, j, cols]) for j in range(n_st))
-      h = lax.fori_loop(0, nsub - 1, pass1, h)
-      for j in range(n_st):
-        subs[nsub - 1, j, :] = h[j]
+      fwd = _Recompute(p, t_s, bias, n, a2, range(n_st), subs)
+      fwd.park(tuple(_vec(refs["states"].at[bi, n, j, cols]) for j in range(n_st)))
 
       # Pass 2: sub-tiles last first; their states and decays in registers, then the adjoint.
       def pass2(i, carry):
         g, (da, dd, db) = carry
         g, da = list(g), list(da)
         s = nsub - 1 - i
-        h = [_vec(subs.at[s, j]) for j in range(n_st)]
-        hist = []
-        for r in range(sub):
-          t = s * sub + r
-          dt, dsp, uu = inputs(t)
-          dtu = dt * uu
-          rb = _reset_bias(p, t_s, t)
-          dec = [_decay(dt, a2[j], rb) for j in range(n_st)]
-          hist.append((dt, dsp, uu, dtu, h, dec))
-          if r + 1 < sub:
-            h = advance(h, t, dec, dtu)
+        hist = fwd.history(s)
         for r in reversed(range(sub)):
           t = s * sub + r
           tok = n * TILE + t
@@ -1123,44 +1144,14 @@ def _bwd_call_wg2(p: _Plan, arrays):
         plgpu.barrier_wait(refs["bars"].at[slot])
         t_s = {name: refs[name + "_s"].at[slot] for name in names + bc_names}
 
-        def inputs(t):
-          dt, dsp = _delta(p, _vec(t_s["dt"].at[t]), bias, n * TILE + t)
-          return dt, dsp, _vec(t_s["u"].at[t]).astype(_F32)
-
-        def advance(h, t, dec, dtu):
-          return [dec[j] * h[j] + dtu * t_s["B"][t, s] for j, s in enumerate(st)]
-
-        def pass1(q, h):  # the state entering every sub-tile, parked in shared memory
-          h = list(h)
-          for j in range(half):
-            subs[q, j, :] = h[j]
-          for r in range(sub):
-            t = q * sub + r
-            dt, _, uu = inputs(t)
-            rb = _reset_bias(p, t_s, t)
-            h = advance(h, t, [_decay(dt, a2[j], rb) for j in range(half)], dt * uu)
-          return tuple(h)
-
-        h = tuple(_vec(refs["states"].at[bi, n, s, cols]) for s in st)
-        h = lax.fori_loop(0, nsub - 1, pass1, h)
-        for j in range(half):
-          subs[nsub - 1, j, :] = h[j]
+        fwd = _Recompute(p, t_s, bias, n, a2, st, subs)
+        fwd.park(tuple(_vec(refs["states"].at[bi, n, s, cols]) for s in st))
 
         def pass2(i, carry):
           g, (da, dd, db) = carry
           g, da = list(g), list(da)
           q = nsub - 1 - i
-          h = [_vec(subs.at[q, j]) for j in range(half)]
-          hist = []
-          for r in range(sub):
-            t = q * sub + r
-            dt, dsp, uu = inputs(t)
-            dtu = dt * uu
-            rb = _reset_bias(p, t_s, t)
-            dec = [_decay(dt, a2[j], rb) for j in range(half)]
-            hist.append((dt, dsp, uu, dtu, h, dec))
-            if r + 1 < sub:
-              h = advance(h, t, dec, dtu)
+          hist = fwd.history(q)
           if w == 0:
             plgpu.barrier_wait(refs["full"].at[q])
           else:
