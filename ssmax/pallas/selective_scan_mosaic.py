@@ -142,7 +142,7 @@ class Config:
     bwd_warpgroups: warpgroups per backward CTA, 1 or 2. With 2 each takes half of the states of
       the same 128 channels (two warps per scheduler hide each other's latency); the second
       hands its per-token partial sums (dΔ, du and C·h) to the first through shared memory, one
-      sub-tile at a time. Default: 2 from 8 states up.
+      sub-tile at a time. Default: 2 from 8 states up (1 with ``early_pair``).
   """
 
   segments: int | None = None
@@ -308,7 +308,7 @@ def _make_plan(u, delta, z, B, C, A, D, delta_bias, softplus, interpret, config:
   if np_ > MAX_STATE_PER_CALL:  # sliced: slices of MAX_STATE_PER_CALL, float32 dy
     np_, tile_bytes = _round_up(n, MAX_STATE_PER_CALL), 4
   np_call = min(np_, MAX_STATE_PER_CALL)
-  wg = config.bwd_warpgroups or (2 if np_call >= 8 else 1)
+  wg = config.bwd_warpgroups or (1 if config.early_pair or np_call < 8 else 2)
   if wg not in (1, 2):
     raise ValueError(f"Config.bwd_warpgroups must be 1 or 2; got {wg}")
   if wg == 2 and config.early_pair:

@@ -148,8 +148,7 @@ def test_kernels_lower_for_the_gpu(case):
   b, l, d, n, g = {"every-option": (2, 37, 5, 3, 1), "packed": (2, 100, 130, 16, 2),
                    "packed-reset-tiles": (2, 100, 130, 16, 2), "early-pair": (1, 70, 130, 16, 1),
                    "state-slices": (1, 40, 8, 40, 1), "long-segments": (1, 4096, 128, 16, 1)}[case]
-  config = mosaic.Config(reset_tiles=case == "packed-reset-tiles", early_pair=case == "early-pair",
-                         bwd_warpgroups=1 if case == "early-pair" else None)
+  config = mosaic.Config(reset_tiles=case == "packed-reset-tiles", early_pair=case == "early-pair")
   bf, f32 = jnp.bfloat16, jnp.float32
   s = jax.ShapeDtypeStruct
   args = (s((b, l, d), bf), s((b, l, d), bf), s((d, n), f32), s((b, l, g, n), bf),
