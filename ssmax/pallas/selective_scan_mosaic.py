@@ -103,7 +103,8 @@ _VEC = plgpu.Layout.WG_STRIDED((BLOCK,), vec_size=1)  # thread i holds channel i
 _RESET_COLS = 4  # the reset bias travels as (TILE, 4) float32 tiles: TMA rows of 16 bytes
 _XCH = 3  # per token, the second backward warpgroup's partial dΔ, du and C·h
 # Segments chained per loop iteration between the passes: the cost model picks at most 2 CTAs per
-# SM in all (16-22 segments at long-32k: fully unrolled), but Config.segments may ask for hundreds.
+# SM in the forward and 4 in the backward (16 and 33 segments at long-32k: 15 and 32 chain steps,
+# fully unrolled), but Config.segments may ask for hundreds.
 _CHAIN_UNROLL = 32
 
 
@@ -803,12 +804,15 @@ def _lane_sums_mgpu(m, first_offset):
   return lane_sums
 
 
-class _Recompute:
-  """The forward recomputed inside one backward tile ``n`` (shared tiles ``t_s``) for the states
-  ``st`` (their A·log2(e) in ``a2``): :meth:`park` is pass 1, :meth:`history` the start of pass 2."""
+class _BackwardTile:
+  """One backward tile ``n`` (shared tiles ``t_s``) for the states ``st`` (their A·log2(e) in
+  ``a2``), what both backward kernels do with it: :meth:`park` (pass 1) and :meth:`history`
+  recompute the forward, :meth:`adjoint` runs a token's adjoint step over the states and
+  :meth:`finish` stores the token's dΔ, du and dz from the sums over all states."""
 
-  def __init__(self, p: _Plan, t_s, bias, n, a2, st, subs):
-    self.p, self.t_s, self.bias, self.n, self.a2, self.st, self.subs = p, t_s, bias, n, a2, st, subs
+  def __init__(self, p: _Plan, refs, bi, cols, t_s, bias, n, a2, st, subs, zero):
+    self.p, self.refs, self.bi, self.cols, self.t_s = p, refs, bi, cols, t_s
+    self.bias, self.n, self.a2, self.st, self.subs, self.zero = bias, n, a2, st, subs, zero
 
   def inputs(self, t):
     """Δ, dΔ/draw and u of token ``t``."""
@@ -855,6 +859,60 @@ class _Recompute:
       if r + 1 < self.p.sub:
         h = self.advance(h, t, dec, dtu)
     return hist
+
+  def adjoint(self, t, hist, g, da, dskip, products):
+    """Token ``t`` (``hist``: its entry of :meth:`history`) back over the states: the cotangents
+    ``g`` and the dA sums ``da`` (lists, one (128,) vector per state) are updated in place and each
+    state's (dC, dB) products go to ``products(dc, db)``. Returns (dy, z, σ(z), the cotangent of
+    the scan's output, ys = C·h over these states (+ D·u with ``dskip``), Σ g·B, Σ g·h·A·log2(e));
+    z and σ(z) are None without the gate."""
+    p, t_s, zero = self.p, self.t_s, self.zero
+    dt, _, uu, dtu, hp, dec = hist
+    dy = _vec(t_s["dy"].at[t]).astype(_F32)
+    zz = sg = None
+    if p.has_z:
+      zz = _vec(t_s["z"].at[t]).astype(_F32)
+      sg = _sigmoid(zz)
+      dout = dy * (zz * sg)
+    else:
+      dout = dy
+    ys = dskip * uu if dskip is not None else zero
+    gb = zero
+    gda = zero
+    for j, s in enumerate(self.st):
+      cj = t_s["C"][t, s]
+      bj = t_s["B"][t, s]
+      ht = dec[j] * hp[j] + dtu * bj
+      ys = ys + ht * cj
+      gg = g[j] + dout * cj
+      products(ht * dout, gg * dtu)
+      gb = gb + gg * bj
+      g[j] = gg * dec[j]
+      q = g[j] * hp[j]
+      da[j] = da[j] + q * dt
+      gda = gda + q * self.a2[j]
+    return dy, zz, sg, dout, ys, gb, gda
+
+  def finish(self, tok, hist, ddelta, du, ys, dy, zz, sg, dout, dskip, db, dd):
+    """Stores token ``tok``'s dΔ, du and dz from the sums over all states (``ddelta`` before the
+    softplus, ``du`` without the D skip, ``ys`` = C·h + D·u); returns the dbias and dD sums
+    ``db, dd`` with this token's added."""
+    p, refs, bi, cols = self.p, self.refs, self.bi, self.cols
+    _, dsp, uu, _, _, _ = hist
+    if dsp is not None:
+      ddelta = ddelta * dsp
+    if p.ragged:
+      ddelta = ddelta * (tok < p.length).astype(_F32)
+    db = db + ddelta
+    if p.has_d:
+      du = du + dskip * dout
+      dd = dd + dout * uu
+    refs["ddt"][bi, tok, cols] = ddelta.astype(refs["ddt"].dtype)
+    refs["du"][bi, tok, cols] = du.astype(refs["du"].dtype)
+    if p.has_z:
+      dz = dy * ys * (sg * (1.0 + zz * (1.0 - sg)))
+      refs["dz"][bi, tok, cols] = dz.astype(refs["dz"].dtype)
+    return db, dd
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -933,13 +991,9 @@ def _bwd_local_call(p: _Plan, arrays):
   return call(*(arrays[k] for k in in_names))
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _bwd_call(p: _Plan, arrays):
-  """The backward kernel: per segment, tiles last first, from the cotangent at the segment's end."""
-  n_st, nt, ss, sub = p.state_pad, p.tiles, p.bwd_segments, p.sub
-  per = -(-nt // ss)
-  nsub = TILE // sub
-  m = p.products
+def _bwd_io(p: _Plan, arrays, dbc_shape):
+  """The backward kernels' tiled inputs (``names``, ``bc_names``), all input and output names, and
+  the output types; ``dbc_shape``: the dB/dC partial sums per (batch, block)."""
   names = ["dt", "u", "dy"] + (["z"] if p.has_z else [])
   bc_names = ["B", "C"] + (["rb"] if p.has_resets else [])
   in_names = (names + bc_names + (["bias"] if p.has_bias else []) + (["D"] if p.has_d else [])
@@ -947,10 +1001,30 @@ def _bwd_call(p: _Plan, arrays):
   f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
   big = lambda k: jax.ShapeDtypeStruct((p.batch, p.lp, p.dp),
                                        _F32 if p.f32_out else arrays[k].dtype)
+  ss, n_st = p.bwd_segments, p.state_pad
   out_names = ["ddt", "du"] + (["dz"] if p.has_z else []) + ["dbc", "dA", "dD", "dbias", "dh0"]
   out_type = [big("dt"), big("u")] + ([big("z")] if p.has_z else []) + [
-      f32(p.batch, p.nblk, p.lp * m), f32(p.batch, ss, n_st, p.dp), f32(p.batch, ss, p.dp),
+      f32(p.batch, p.nblk, *dbc_shape), f32(p.batch, ss, n_st, p.dp), f32(p.batch, ss, p.dp),
       f32(p.batch, ss, p.dp), f32(p.batch, n_st, p.dp)]
+  return names, bc_names, in_names, out_names, tuple(out_type)
+
+
+def _bwd_outs(p: _Plan, outs):
+  """A backward kernel's outputs as (ddt, du, dz or None, dbc, dA, dD, dbias, dh0)."""
+  outs = list(outs)
+  dz = outs.pop(2) if p.has_z else None
+  ddt, du, dbc, dA, dD, dbias, dh0 = outs
+  return ddt, du, dz, dbc, dA, dD, dbias, dh0
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _bwd_call(p: _Plan, arrays):
+  """The backward kernel: per segment, tiles last first, from the cotangent at the segment's end."""
+  n_st, nt, ss, sub = p.state_pad, p.tiles, p.bwd_segments, p.sub
+  per = -(-nt // ss)
+  nsub = TILE // sub
+  m = p.products
+  names, bc_names, in_names, out_names, out_type = _bwd_io(p, arrays, (p.lp * m,))
   stages = max(1, min(p.bwd_stages, per))
   scratch = _smem(p, arrays, names, bc_names, stages)
   scratch["subs"] = plgpu.SMEM((nsub, n_st, BLOCK), _F32)
@@ -980,7 +1054,7 @@ def _bwd_call(p: _Plan, arrays):
       plgpu.barrier_wait(refs["bars"].at[slot])
       t_s = {name: refs[name + "_s"].at[slot] for name in names + bc_names}
 
-      fwd = _Recompute(p, t_s, bias, n, a2, range(n_st), subs)
+      fwd = _BackwardTile(p, refs, bi, cols, t_s, bias, n, a2, range(n_st), subs, zero)
       fwd.park(tuple(_vec(refs["states"].at[bi, n, j, cols]) for j in range(n_st)))
 
       # Pass 2: sub-tiles last first; their states and decays in registers, then the adjoint.
@@ -992,55 +1066,21 @@ def _bwd_call(p: _Plan, arrays):
         for r in reversed(range(sub)):
           t = s * sub + r
           tok = n * TILE + t
-          dt, dsp, uu, dtu, hp, dec = hist[r]
-          dy = _vec(t_s["dy"].at[t]).astype(_F32)
-          if p.has_z:
-            zz = _vec(t_s["z"].at[t]).astype(_F32)
-            sg = _sigmoid(zz)
-            dout = dy * (zz * sg)
-          else:
-            dout = dy
-          ys = dskip * uu if p.has_d else zero
-          gb = zero
-          gda = zero
+          dt, _, uu, _, _, _ = hist[r]
           dc, dbp, firsts = [], [], []
-          for j in range(n_st):
-            cj = t_s["C"][t, j]
-            bj = t_s["B"][t, j]
-            ht = dec[j] * hp[j] + dtu * bj
-            ys = ys + ht * cj
-            gg = g[j] + dout * cj
-            if p.early_pair and not p.interpret:  # halve the live products at once
-              firsts.append(_pair_first(ht * dout, gg * dtu))
-            else:
-              dc.append(ht * dout)
-              dbp.append(gg * dtu)
-            gb = gb + gg * bj
-            g[j] = gg * dec[j]
-            q = g[j] * hp[j]
-            da[j] = da[j] + q * dt
-            gda = gda + q * a2[j]
+          if p.early_pair and not p.interpret:  # halve the live products at once
+            products = lambda a, b: firsts.append(_pair_first(a, b))
+          else:
+            products = lambda a, b: (dc.append(a), dbp.append(b))
+          dy, zz, sg, dout, ys, gb, gda = fwd.adjoint(t, hist[r], g, da, dskip, products)
           row = part.at[:, pl.ds(t * m, m)]
           if firsts:
             _lane_sums_mgpu(16, 8)(row, *(firsts + [zero] * (16 - n_st)))
           else:
             pad = [zero] * (16 - n_st)
             _lane_sums(p, row, dc + pad + dbp + pad)
-          ddelta = gda * _LN2 + gb * uu
-          if dsp is not None:
-            ddelta = ddelta * dsp
-          if p.ragged:
-            ddelta = ddelta * (tok < p.length).astype(_F32)
-          db = db + ddelta
-          du = gb * dt
-          if p.has_d:
-            du = du + dskip * dout
-            dd = dd + dout * uu
-          refs["ddt"][bi, tok, cols] = ddelta.astype(refs["ddt"].dtype)
-          refs["du"][bi, tok, cols] = du.astype(refs["du"].dtype)
-          if p.has_z:
-            dz = dy * ys * (sg * (1.0 + zz * (1.0 - sg)))
-            refs["dz"][bi, tok, cols] = dz.astype(refs["dz"].dtype)
+          db, dd = fwd.finish(tok, hist[r], gda * _LN2 + gb * uu, gb * dt, ys, dy, zz, sg, dout,
+                              dskip, db, dd)
         return tuple(g), (tuple(da), dd, db)
 
       carry = lax.fori_loop(0, nsub, pass2, carry)
@@ -1069,13 +1109,9 @@ def _bwd_call(p: _Plan, arrays):
       for j in range(n_st):
         refs["dh0"][bi, j, cols] = g[j]
 
-  call = _kernel(p, "ssm_bwd", body, (p.nblk, p.batch, ss), out_type=tuple(out_type),
+  call = _kernel(p, "ssm_bwd", body, (p.nblk, p.batch, ss), out_type=out_type,
                  scratch_types=scratch)
-  outs = list(call(*(arrays[k] for k in in_names)))
-  ddt, du = outs[:2]
-  dz = outs[2] if p.has_z else None
-  dbc, dA, dD, dbias, dh0 = outs[3:] if p.has_z else outs[2:]
-  return ddt, du, dz, dbc, dA, dD, dbias, dh0
+  return _bwd_outs(p, call(*(arrays[k] for k in in_names)))
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -1095,17 +1131,7 @@ def _bwd_call_wg2(p: _Plan, arrays):
   half = n_st // 2
   per = -(-nt // ss)
   nsub = TILE // sub
-  names = ["dt", "u", "dy"] + (["z"] if p.has_z else [])
-  bc_names = ["B", "C"] + (["rb"] if p.has_resets else [])
-  in_names = (names + bc_names + (["bias"] if p.has_bias else []) + (["D"] if p.has_d else [])
-              + ["a2t", "states", "gend"])
-  f32 = lambda *s: jax.ShapeDtypeStruct(s, _F32)
-  big = lambda k: jax.ShapeDtypeStruct((p.batch, p.lp, p.dp),
-                                       _F32 if p.f32_out else arrays[k].dtype)
-  out_names = ["ddt", "du"] + (["dz"] if p.has_z else []) + ["dbc", "dA", "dD", "dbias", "dh0"]
-  out_type = [big("dt"), big("u")] + ([big("z")] if p.has_z else []) + [
-      f32(p.batch, p.nblk, 2, p.lp * 16), f32(p.batch, ss, n_st, p.dp), f32(p.batch, ss, p.dp),
-      f32(p.batch, ss, p.dp), f32(p.batch, n_st, p.dp)]
+  names, bc_names, in_names, out_names, out_type = _bwd_io(p, arrays, (2, p.lp * 16))
   stages = max(1, min(p.bwd_stages, per))
   scratch = _smem(p, arrays, names, bc_names, stages)
   scratch["subs"] = plgpu.SMEM((2, nsub, half, BLOCK), _F32)
@@ -1144,7 +1170,7 @@ def _bwd_call_wg2(p: _Plan, arrays):
         plgpu.barrier_wait(refs["bars"].at[slot])
         t_s = {name: refs[name + "_s"].at[slot] for name in names + bc_names}
 
-        fwd = _Recompute(p, t_s, bias, n, a2, st, subs)
+        fwd = _BackwardTile(p, refs, bi, cols, t_s, bias, n, a2, st, subs, zero)
         fwd.park(tuple(_vec(refs["states"].at[bi, n, s, cols]) for s in st))
 
         def pass2(i, carry):
@@ -1161,31 +1187,10 @@ def _bwd_call_wg2(p: _Plan, arrays):
           for r in reversed(range(sub)):
             t = q * sub + r
             tok = n * TILE + t
-            dt, dsp, uu, dtu, hp, dec = hist[r]
-            dy = _vec(t_s["dy"].at[t]).astype(_F32)
-            if p.has_z:
-              zz = _vec(t_s["z"].at[t]).astype(_F32)
-              sg = _sigmoid(zz)
-              dout = dy * (zz * sg)
-            else:
-              dout = dy
-            ys = dskip * uu if dskip is not None else zero
-            gb = zero
-            gda = zero
+            dt, _, uu, _, _, _ = hist[r]
             dc, dbp = [], []
-            for j, s in enumerate(st):
-              cj = t_s["C"][t, s]
-              bj = t_s["B"][t, s]
-              ht = dec[j] * hp[j] + dtu * bj
-              ys = ys + ht * cj
-              gg = g[j] + dout * cj
-              dc.append(ht * dout)
-              dbp.append(gg * dtu)
-              gb = gb + gg * bj
-              g[j] = gg * dec[j]
-              qq = g[j] * hp[j]
-              da[j] = da[j] + qq * dt
-              gda = gda + qq * a2[j]
+            dy, zz, sg, dout, ys, gb, gda = fwd.adjoint(
+                t, hist[r], g, da, dskip, lambda a, b: (dc.append(a), dbp.append(b)))
             prods[r] = dc + pad + dbp + pad
             if r % 2 == 0:  # the pair (t, t + 1): 32 products, one butterfly
               _lane_sums(p, part.at[:, pl.ds(t * 16, 32)], prods[r] + prods[r + 1])
@@ -1199,19 +1204,7 @@ def _bwd_call_wg2(p: _Plan, arrays):
             ddelta = ddelta + _vec(xch.at[q, r, 0])
             du = du + _vec(xch.at[q, r, 1])
             ys = ys + _vec(xch.at[q, r, 2])
-            if dsp is not None:
-              ddelta = ddelta * dsp
-            if p.ragged:
-              ddelta = ddelta * (tok < p.length).astype(_F32)
-            db = db + ddelta
-            if p.has_d:
-              du = du + dskip * dout
-              dd = dd + dout * uu
-            refs["ddt"][bi, tok, cols] = ddelta.astype(refs["ddt"].dtype)
-            refs["du"][bi, tok, cols] = du.astype(refs["du"].dtype)
-            if p.has_z:
-              dz = dy * ys * (sg * (1.0 + zz * (1.0 - sg)))
-              refs["dz"][bi, tok, cols] = dz.astype(refs["dz"].dtype)
+            db, dd = fwd.finish(tok, hist[r], ddelta, du, ys, dy, zz, sg, dout, dskip, db, dd)
           if w == 1:
             plgpu.barrier_arrive(refs["full"].at[q])
           else:  # the last tile's slots are never refilled: nobody waits for them
@@ -1253,13 +1246,9 @@ def _bwd_call_wg2(p: _Plan, arrays):
     pl.when(wg == 0)(functools.partial(run, 0))
     pl.when(wg == 1)(functools.partial(run, 1))
 
-  call = _kernel(p, "ssm_bwd_wg2", body, (p.nblk, p.batch, ss), out_type=tuple(out_type),
+  call = _kernel(p, "ssm_bwd_wg2", body, (p.nblk, p.batch, ss), out_type=out_type,
                  scratch_types=scratch, num_threads=2, thread_name="wg")
-  outs = list(call(*(arrays[k] for k in in_names)))
-  ddt, du = outs[:2]
-  dz = outs[2] if p.has_z else None
-  dbc, dA, dD, dbias, dh0 = outs[3:] if p.has_z else outs[2:]
-  return ddt, du, dz, dbc, dA, dD, dbias, dh0
+  return _bwd_outs(p, call(*(arrays[k] for k in in_names)))
 
 
 def _backward(p: _Plan, arrays, states, dy, dlast_t):
