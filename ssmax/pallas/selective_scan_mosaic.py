@@ -94,6 +94,7 @@ from ssmax.pallas.common import as_arrays, scan_unsupported_reason
 
 TILE = 32  # tokens per TMA tile
 BLOCK = 128  # channels per CTA: one per thread of the warpgroup
+_DBC_ROWS = TILE * 16 // BLOCK  # rows of 128 per warpgroup and tile for its dB/dC partial sums
 MAX_STATE_PER_CALL = 16  # larger states run as slices of this many (registers, compile time)
 SMEM_BYTES = 227 * 1024  # usable shared memory per CTA on an H100
 _LN2 = 0.6931471805599453
@@ -991,9 +992,11 @@ def _bwd_local_call(p: _Plan, arrays):
   return call(*(arrays[k] for k in in_names))
 
 
-def _bwd_io(p: _Plan, arrays, dbc_shape):
+def _bwd_io(p: _Plan, arrays, dbc_shape, per_block=True):
   """The backward kernels' tiled inputs (``names``, ``bc_names``), all input and output names, and
-  the output types; ``dbc_shape``: the dB/dC partial sums per (batch, block)."""
+  the output types; ``dbc_shape``: the dB/dC partial sums per batch (and block if
+  ``per_block``), or ``None`` where the kernel writes them over the saved states it has read
+  (``states`` is then a mutable ref)."""
   names = ["dt", "u", "dy"] + (["z"] if p.has_z else [])
   bc_names = ["B", "C"] + (["rb"] if p.has_resets else [])
   in_names = (names + bc_names + (["bias"] if p.has_bias else []) + (["D"] if p.has_d else [])
@@ -1002,18 +1005,22 @@ def _bwd_io(p: _Plan, arrays, dbc_shape):
   big = lambda k: jax.ShapeDtypeStruct((p.batch, p.lp, p.dp),
                                        _F32 if p.f32_out else arrays[k].dtype)
   ss, n_st = p.bwd_segments, p.state_pad
-  out_names = ["ddt", "du"] + (["dz"] if p.has_z else []) + ["dbc", "dA", "dD", "dbias", "dh0"]
+  dbc = [] if dbc_shape is None else ["dbc"]
+  out_names = ["ddt", "du"] + (["dz"] if p.has_z else []) + dbc + ["dA", "dD", "dbias", "dh0"]
   out_type = [big("dt"), big("u")] + ([big("z")] if p.has_z else []) + [
-      f32(p.batch, p.nblk, *dbc_shape), f32(p.batch, ss, n_st, p.dp), f32(p.batch, ss, p.dp),
-      f32(p.batch, ss, p.dp), f32(p.batch, n_st, p.dp)]
+      f32(p.batch, *([p.nblk] if per_block else []), *dbc_shape) for _ in dbc] + [
+      f32(p.batch, ss, n_st, p.dp), f32(p.batch, ss, p.dp), f32(p.batch, ss, p.dp),
+      f32(p.batch, n_st, p.dp)]
   return names, bc_names, in_names, out_names, tuple(out_type)
 
 
-def _bwd_outs(p: _Plan, outs):
-  """A backward kernel's outputs as (ddt, du, dz or None, dbc, dA, dD, dbias, dh0)."""
+def _bwd_outs(p: _Plan, outs, dbc=None):
+  """A backward kernel's outputs as (ddt, du, dz or None, dbc, dA, dD, dbias, dh0); ``dbc``: where
+  the kernel wrote its partial sums if not to an output."""
   outs = list(outs)
   dz = outs.pop(2) if p.has_z else None
-  ddt, du, dbc, dA, dD, dbias, dh0 = outs
+  dbc = outs.pop(2) if dbc is None else dbc
+  ddt, du, dA, dD, dbias, dh0 = outs
   return ddt, du, dz, dbc, dA, dD, dbias, dh0
 
 
@@ -1126,12 +1133,20 @@ def _bwd_call_wg2(p: _Plan, arrays):
   adds its own, finishes dΔ, du, dz, dD, dbias and stores them, and frees the slot (``empty``). So
   warpgroup 1 runs up to one tile ahead and neither waits while the other is in another pass.
   Their dB/dC products (h of each per token, padded to 8) go through the butterfly a token pair at
-  a time; the partial sums land in ``dbc[b, block, w]`` as 16 per token (dC, then dB)."""
+  a time; a tile's partial sums, 16 per token (dC, then dB), are 4 rows of 128 per warpgroup,
+  written over the warpgroup's first 4 rows of the tile's saved states, which it has read by then,
+  so they take no memory of their own (the (b, blocks, 2, L·16) order is restored after the
+  kernel). Inside ``shard_map`` (Mosaic GPU takes no mutable refs there) they go to a
+  (b, tiles, 8, dp) output instead."""
   n_st, nt, ss, sub = p.state_pad, p.tiles, p.bwd_segments, p.sub
   half = n_st // 2
+  assert half >= _DBC_ROWS, n_st
+  in_place = not jax.typeof(arrays["states"]).mat.varying
+  rows_per_wg = half if in_place else _DBC_ROWS
   per = -(-nt // ss)
   nsub = TILE // sub
-  names, bc_names, in_names, out_names, out_type = _bwd_io(p, arrays, (2, p.lp * 16))
+  names, bc_names, in_names, out_names, out_type = _bwd_io(
+      p, arrays, None if in_place else (nt, 2 * _DBC_ROWS, p.dp), per_block=False)
   stages = max(1, min(p.bwd_stages, per))
   scratch = _smem(p, arrays, names, bc_names, stages)
   scratch["subs"] = plgpu.SMEM((2, nsub, half, BLOCK), _F32)
@@ -1140,7 +1155,6 @@ def _bwd_call_wg2(p: _Plan, arrays):
   scratch["full"] = plgpu.Barrier(num_arrivals=1, num_barriers=nsub)
   scratch["empty"] = plgpu.Barrier(num_arrivals=1, num_barriers=nsub)
   scratch["consumed"] = plgpu.Barrier(num_arrivals=1, num_barriers=stages)
-  red_layout = plgpu.Layout.WG_STRIDED((TILE * 16,), vec_size=4)
 
   def body(*refs_in, **scratch_refs):
     refs = dict(zip(in_names + out_names, refs_in))
@@ -1222,11 +1236,10 @@ def _bwd_call_wg2(p: _Plan, arrays):
             plgpu.barrier_wait(refs["consumed"].at[slot])
             ring.fetch(n - stages, slot)
 
-        total = None
-        for v in range(4):
-          x = plgpu.load(part.at[v], layout=red_layout, optimized=False)
-          total = x if total is None else total + x
-        refs["dbc"][bi, di, w, pl.ds(n * (TILE * 16), TILE * 16)] = total
+        rows = refs["states" if in_place else "dbc"]  # this tile's states were read in pass 1
+        for r in range(_DBC_ROWS):
+          row = [_vec(part.at[v, pl.ds(r * BLOCK, BLOCK)]) for v in range(4)]
+          rows[bi, n, w * rows_per_wg + r, cols] = (row[0] + row[1]) + (row[2] + row[3])
         plgpu.commit_smem()  # every thread has read the rows before the next tile rewrites them
         return carry
 
@@ -1248,7 +1261,15 @@ def _bwd_call_wg2(p: _Plan, arrays):
 
   call = _kernel(p, "ssm_bwd_wg2", body, (p.nblk, p.batch, ss), out_type=out_type,
                  scratch_types=scratch, num_threads=2, thread_name="wg")
-  return _bwd_outs(p, call(*(arrays[k] for k in in_names)))
+  if in_place:
+    states = jax.new_ref(arrays["states"])
+    outs = _bwd_outs(p, call(*(states if k == "states" else arrays[k] for k in in_names)),
+                     jax.freeze(states))
+  else:
+    outs = _bwd_outs(p, call(*(arrays[k] for k in in_names)))
+  rows = outs[3].reshape(p.batch, nt, 2, rows_per_wg, p.nblk, BLOCK)[:, :, :, :_DBC_ROWS]
+  dbc = jnp.transpose(rows, (0, 4, 2, 1, 3, 5)).reshape(p.batch, p.nblk, 2, p.lp * 16)
+  return (*outs[:3], dbc, *outs[4:])
 
 
 def _backward(p: _Plan, arrays, states, dy, dlast_t):
