@@ -32,6 +32,9 @@ Writes ``results/bench_scan/<date>_<device>/bench_scan.{json,md,log}`` (see :mod
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +70,13 @@ flags.DEFINE_integer("rounds", 1, "Time every cell this many times, the cell ord
                      "every other round (so drift in the GPU's speed does not favour the rows timed "
                      "first); the table gives each cell's median over rounds, and with --packed the "
                      "ratio of segments to plain in every round.")
+flags.DEFINE_string("official_json", "", "official_scan.json written on the same machine by "
+                    "../shared/anchors/official_scan_bench.py (with peak memory: "
+                    "benchmarks/official_scan_memory.py): its times join the table as "
+                    "official-cuda rows and the x official columns use them instead of the "
+                    "H100 anchor.")
+flags.DEFINE_string("report", "", "Time nothing: re-summarise this bench_scan.json (with "
+                    "--official_json merged) into --out_dir.")
 harness.define_flags(flags)
 
 
@@ -145,8 +155,39 @@ def measure(shape, backend, mode, kw, config_kv=None, compiled=None) -> dict:
   return out
 
 
+def add_official(report: dict, path: str) -> None:
+  """The official kernel's times (and peak memory, where measured) from ``path`` as
+  ``official-cuda`` rows of ``report``, measured on ``report``'s device or said otherwise."""
+  off = json.loads(pathlib.Path(path).read_text())
+  report["official"] = dict(path=str(path), device=off.get("device"))
+  if off.get("device") and off["device"] != report.get("device"):
+    raise app.UsageError(f"--official_json was measured on {off['device']}, this report on "
+                         f"{report.get('device')}: compare only runs on one machine")
+  report["rows"] = [r for r in report["rows"] if r["backend"] != "official-cuda"]
+  for key, v in off.items():
+    if not key.endswith("/mamba-cuda"):
+      continue
+    shape = key.split("/")[0]
+    peak = v.get("peak_fwdbwd_MiB")
+    for mode, ms in (("fwd", v["fwd_ms"]), ("fwdbwd", v["fwdbwd_ms"])):
+      report["rows"].append(dict(
+          shape=shape, backend="official-cuda", mode=mode, ms=ms, error=None, status="ok",
+          peak_GiB=None if (peak is None or mode == "fwd") else peak / 1024,
+          GBps=min_bytes(*SHAPES[shape], mode) / (ms * 1e-3) / 1e9))
+
+
 def main(argv):
   del argv
+  if FLAGS.report:
+    report = json.loads(pathlib.Path(FLAGS.report).read_text())
+    if FLAGS.official_json:
+      add_official(report, FLAGS.official_json)
+    out = pathlib.Path(FLAGS.out_dir or pathlib.Path(FLAGS.report).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_scan.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / "bench_scan.md").write_text(summary(report) + "\n")
+    print(summary(report))
+    return
   dev = jax.devices()[0]
   bench = harness.Run("bench_scan", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
                       tag=FLAGS.tag, current=FLAGS.current,
@@ -201,6 +242,9 @@ def main(argv):
   if FLAGS.paired:
     report["paired"] = paired(bench)
     bench.save(summary(report))
+  if FLAGS.official_json:
+    add_official(report, FLAGS.official_json)
+    bench.save(summary(report))
   bench.log("\n" + summary(report))
   bench.finish()
 
@@ -246,20 +290,29 @@ def summary(report) -> str:
             "GBps": float(np.median([r["GBps"] for r in hits if r["error"] is None])) if ok else nan}
 
   body = []
+  same_run = "official" in report
   for s in dict.fromkeys(r["shape"] for r in rows):
     assoc = get(s, "associative", "fwdbwd")
     for be in dict.fromkeys(r["backend"] for r in rows if r["shape"] == s):
       f, fb = get(s, be, "fwd"), get(s, be, "fwdbwd")
       fms, fbms = (f["ms"] if f else nan), (fb["ms"] if fb else nan)
-      of, ofb = OFFICIAL_MS.get(s, (nan, nan))
+      if same_run:
+        of, ofb = ((get(s, "official-cuda", m) or {"ms": nan})["ms"] for m in ("fwd", "fwdbwd"))
+      else:
+        of, ofb = OFFICIAL_MS.get(s, (nan, nan))
       pk = fb["peak_GiB"] if fb and fb["peak_GiB"] is not None else nan
       body.append([s, be, f"{fms:.3f}", f"{fbms:.3f}", f"{pk:.2f}",
                    f"{f['GBps'] if f else nan:.0f}",
                    f"{assoc['ms'] / fbms if assoc else nan:.1f}", f"{of / fms:.2f}",
                    f"{ofb / fbms:.2f}"])
   rounds = 1 + max((r.get("round", 0) for r in rows), default=0)
+  official = (f"x official: the official CUDA kernel timed on the same machine "
+              f"({report['official']['device']}, official-cuda rows; its peak is PyTorch's "
+              f"max_memory_allocated)" if same_run else
+              "x official: the official CUDA kernel's H100 anchor times (not this machine)")
   text = (f"Selective scan, bf16 inputs, z, D, Δ bias, softplus; {report['device']}, JAX "
-          f"{report['jax']}" + (f"; median of {rounds} rounds" if rounds > 1 else "") + ".\n\n"
+          f"{report['jax']}" + (f"; median of {rounds} rounds" if rounds > 1 else "") + ". "
+          + official + ".\n\n"
           + plotting.markdown_table(
               ["shape", "backend", "fwd ms", "fwd+bwd ms", "peak GiB (fwd+bwd)", "GB/s fwd",
                "x assoc fwd+bwd", "x official fwd", "x official fwd+bwd"], body))

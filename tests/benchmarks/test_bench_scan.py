@@ -30,3 +30,28 @@ def test_bench_scan_packed_configs_get_rows_with_segment_ids(run_script):
   assert set(rows) == {"associative", "associative+segments", "pallas[rt]", "pallas[rt]+segments"}
   assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows.values())
   assert rows["pallas[rt]+segments"]["config"] == {"reset_tiles": True}
+
+
+def test_official_times_from_the_same_machine_join_the_table(run_script, tmp_path):
+  import json
+
+  import pytest
+  from absl import app
+
+  from benchmarks import bench_scan
+  _, run_dir, report = run_script("benchmarks.bench_scan", "--backends=associative")
+  ms = {r["mode"]: r["ms"] for r in report["rows"]}
+  off = tmp_path / "official_scan.json"
+  off.write_text(json.dumps({"device": report["device"], "tiny/mamba-cuda": dict(
+      fwd_ms=ms["fwd"] / 2, fwdbwd_ms=ms["fwdbwd"] / 4, peak_fwdbwd_MiB=3.0)}))
+  bench_scan.add_official(report, str(off))
+  rows = {(r["backend"], r["mode"]): r for r in report["rows"]}
+  assert rows["official-cuda", "fwdbwd"]["peak_GiB"] == 3.0 / 1024
+  table = bench_scan.summary(report)
+  assert "timed on the same machine" in table and "| tiny | official-cuda |" in table
+  # associative's x official columns: the official time over its own (0.50 and 0.25)
+  assoc = next(l for l in table.splitlines() if l.startswith("| tiny | associative |"))
+  assert assoc.rstrip(" |").split(" | ")[-2:] == ["0.50", "0.25"]
+  off.write_text(json.dumps({"device": "another GPU"}))
+  with pytest.raises(app.UsageError, match="measured on another GPU"):
+    bench_scan.add_official(report, str(off))
