@@ -6,11 +6,14 @@
   AdamW training step.
 * :mod:`benchmarks.trace`: profiler traces read into kernels by category (from the compiled HLO).
 * ``python -m benchmarks.bench_scan``: the selective scan, every backend (and the jla peer kernel).
+* ``benchmarks/official_scan_memory.py``: the official CUDA kernel's times and peak memory on the
+  same machine (PyTorch; for ``bench_scan --official_json``).
 * ``python -m benchmarks.bench_train``: training-step throughput and peak memory of the 130M LM.
 * ``python -m benchmarks.bench_generate``: generation, Mamba against a Transformer with a KV cache.
 * ``python -m benchmarks.bench_parallel``: one device against N (sequence and data parallel).
 * ``python -m benchmarks.profile_decode``: where a decode step spends its time.
 * ``python -m benchmarks.profile_step``: where a training step and a prefill spend their time.
+* ``python -m benchmarks.profile_scan``: the kernels of one scan call, per backend.
 
 Results go to ``results/<benchmark>/<date>_<device>/``; ``results/<benchmark>/INDEX.json`` names
 the current run. The kernel's GPU correctness check is ``pytest -m gpu tests/kernels``.
