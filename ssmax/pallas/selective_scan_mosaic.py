@@ -1121,6 +1121,11 @@ def _bwd_call(p: _Plan, arrays):
   return _bwd_outs(p, call(*(arrays[k] for k in in_names)))
 
 
+def _dbc_in_place(states) -> bool:
+  """Whether the two-warpgroup backward may write over ``states`` (not inside ``shard_map``)."""
+  return not jax.typeof(states).mat.varying
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _bwd_call_wg2(p: _Plan, arrays):
   """The backward kernel with two warpgroups per CTA: warpgroup w owns states
@@ -1141,7 +1146,7 @@ def _bwd_call_wg2(p: _Plan, arrays):
   n_st, nt, ss, sub = p.state_pad, p.tiles, p.bwd_segments, p.sub
   half = n_st // 2
   assert half >= _DBC_ROWS, n_st
-  in_place = not jax.typeof(arrays["states"]).mat.varying
+  in_place = _dbc_in_place(arrays["states"])
   rows_per_wg = half if in_place else _DBC_ROWS
   per = -(-nt // ss)
   nsub = TILE // sub

