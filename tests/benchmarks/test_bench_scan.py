@@ -33,25 +33,35 @@ def test_bench_scan_packed_configs_get_rows_with_segment_ids(run_script):
 
 
 def test_official_times_from_the_same_machine_join_the_table(run_script, tmp_path):
+  # --report re-summarises a run with --official_json merged (a subprocess: absl flags are global).
   import json
+  import os
+  import pathlib
+  import subprocess
+  import sys
 
-  import pytest
-  from absl import app
-
-  from benchmarks import bench_scan
+  root = pathlib.Path(__file__).resolve().parents[2]
   _, run_dir, report = run_script("benchmarks.bench_scan", "--backends=associative")
   ms = {r["mode"]: r["ms"] for r in report["rows"]}
   off = tmp_path / "official_scan.json"
-  off.write_text(json.dumps({"device": report["device"], "tiny/mamba-cuda": dict(
-      fwd_ms=ms["fwd"] / 2, fwdbwd_ms=ms["fwdbwd"] / 4, peak_fwdbwd_MiB=3.0)}))
-  bench_scan.add_official(report, str(off))
-  rows = {(r["backend"], r["mode"]): r for r in report["rows"]}
+
+  def merge(device):
+    off.write_text(json.dumps({"device": device, "tiny/mamba-cuda": dict(
+        fwd_ms=ms["fwd"] / 2, fwdbwd_ms=ms["fwdbwd"] / 4, peak_fwdbwd_MiB=3.0)}))
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench_scan",
+                           f"--report={run_dir / 'bench_scan.json'}", f"--official_json={off}",
+                           f"--out_dir={tmp_path / 'merged'}"], cwd=root, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+  proc = merge(report["device"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  merged = json.loads((tmp_path / "merged" / "bench_scan.json").read_text())
+  rows = {(r["backend"], r["mode"]): r for r in merged["rows"]}
   assert rows["official-cuda", "fwdbwd"]["peak_GiB"] == 3.0 / 1024
-  table = bench_scan.summary(report)
+  table = (tmp_path / "merged" / "bench_scan.md").read_text()
   assert "timed on the same machine" in table and "| tiny | official-cuda |" in table
   # associative's x official columns: the official time over its own (0.50 and 0.25)
   assoc = next(l for l in table.splitlines() if l.startswith("| tiny | associative |"))
   assert assoc.rstrip(" |").split(" | ")[-2:] == ["0.50", "0.25"]
-  off.write_text(json.dumps({"device": "another GPU"}))
-  with pytest.raises(app.UsageError, match="measured on another GPU"):
-    bench_scan.add_official(report, str(off))
+  proc = merge("another GPU")
+  assert proc.returncode != 0 and "measured on another GPU" in proc.stderr
