@@ -76,7 +76,7 @@ flags.DEFINE_string("official_json", "", "official_scan.json written on the same
                     "official-cuda rows and the x official columns use them instead of the "
                     "H100 anchor.")
 flags.DEFINE_string("report", "", "Time nothing: re-summarise this bench_scan.json (with "
-                    "--official_json merged) into --out_dir.")
+                    "--official_json merged) into --out_dir (default: over the report).")
 harness.define_flags(flags)
 
 
@@ -159,10 +159,10 @@ def add_official(report: dict, path: str) -> None:
   """The official kernel's times (and peak memory, where measured) from ``path`` as
   ``official-cuda`` rows of ``report``, measured on ``report``'s device or said otherwise."""
   off = json.loads(pathlib.Path(path).read_text())
-  report["official"] = dict(path=str(path), device=off.get("device"))
   if off.get("device") and off["device"] != report.get("device"):
     raise app.UsageError(f"--official_json was measured on {off['device']}, this report on "
                          f"{report.get('device')}: compare only runs on one machine")
+  report["official"] = dict(path=str(path), device=off.get("device"))
   report["rows"] = [r for r in report["rows"] if r["backend"] != "official-cuda"]
   for key, v in off.items():
     if not key.endswith("/mamba-cuda"):

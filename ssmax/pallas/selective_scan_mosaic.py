@@ -992,11 +992,11 @@ def _bwd_local_call(p: _Plan, arrays):
   return call(*(arrays[k] for k in in_names))
 
 
-def _bwd_io(p: _Plan, arrays, dbc_shape, per_block=True):
+def _bwd_io(p: _Plan, arrays, dbc_shape):
   """The backward kernels' tiled inputs (``names``, ``bc_names``), all input and output names, and
-  the output types; ``dbc_shape``: the dB/dC partial sums per batch (and block if
-  ``per_block``), or ``None`` where the kernel writes them over the saved states it has read
-  (``states`` is then a mutable ref)."""
+  the output types; ``dbc_shape``: the dB/dC partial sums' shape after the batch, or ``None``
+  where the kernel writes them over the saved states it has read (``states`` is then a mutable
+  ref)."""
   names = ["dt", "u", "dy"] + (["z"] if p.has_z else [])
   bc_names = ["B", "C"] + (["rb"] if p.has_resets else [])
   in_names = (names + bc_names + (["bias"] if p.has_bias else []) + (["D"] if p.has_d else [])
@@ -1008,7 +1008,7 @@ def _bwd_io(p: _Plan, arrays, dbc_shape, per_block=True):
   dbc = [] if dbc_shape is None else ["dbc"]
   out_names = ["ddt", "du"] + (["dz"] if p.has_z else []) + dbc + ["dA", "dD", "dbias", "dh0"]
   out_type = [big("dt"), big("u")] + ([big("z")] if p.has_z else []) + [
-      f32(p.batch, *([p.nblk] if per_block else []), *dbc_shape) for _ in dbc] + [
+      f32(p.batch, *dbc_shape) for _ in dbc] + [
       f32(p.batch, ss, n_st, p.dp), f32(p.batch, ss, p.dp), f32(p.batch, ss, p.dp),
       f32(p.batch, n_st, p.dp)]
   return names, bc_names, in_names, out_names, tuple(out_type)
@@ -1031,7 +1031,7 @@ def _bwd_call(p: _Plan, arrays):
   per = -(-nt // ss)
   nsub = TILE // sub
   m = p.products
-  names, bc_names, in_names, out_names, out_type = _bwd_io(p, arrays, (p.lp * m,))
+  names, bc_names, in_names, out_names, out_type = _bwd_io(p, arrays, (p.nblk, p.lp * m))
   stages = max(1, min(p.bwd_stages, per))
   scratch = _smem(p, arrays, names, bc_names, stages)
   scratch["subs"] = plgpu.SMEM((nsub, n_st, BLOCK), _F32)
@@ -1151,7 +1151,7 @@ def _bwd_call_wg2(p: _Plan, arrays):
   per = -(-nt // ss)
   nsub = TILE // sub
   names, bc_names, in_names, out_names, out_type = _bwd_io(
-      p, arrays, None if in_place else (nt, 2 * _DBC_ROWS, p.dp), per_block=False)
+      p, arrays, None if in_place else (nt, 2 * _DBC_ROWS, p.dp))
   stages = max(1, min(p.bwd_stages, per))
   scratch = _smem(p, arrays, names, bc_names, stages)
   scratch["subs"] = plgpu.SMEM((2, nsub, half, BLOCK), _F32)
