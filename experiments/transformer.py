@@ -276,13 +276,12 @@ def generate(model: TransformerLM, prompt: jax.Array, max_new_tokens: int) -> ja
   """Greedy continuation with a KV cache sized for prompt + new tokens: ``prompt`` ``(batch,
   length)`` int -> ``(batch, length + max_new_tokens)`` int32. Prefill over the prompt (the head
   on its last position only), then a jit-compiled loop of one-token steps."""
-  graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, jnp.asarray(prompt, jnp.int32), max_new_tokens=max_new_tokens)
+  # The model goes in as a pytree, as in ssmax.nn.generate (no nnx.split graph walk per call).
+  return _generate(model, jnp.asarray(prompt, jnp.int32), max_new_tokens=max_new_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _generate(graphdef, state, prompt, *, max_new_tokens):
-  model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("max_new_tokens",))
+def _generate(model, prompt, *, max_new_tokens):
   batch, length = prompt.shape
   cache = model.init_cache(batch, length + max_new_tokens)
   logits, cache = model(prompt, cache, fresh=True, last_only=True)

@@ -25,6 +25,18 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
   return dense_split(layer, x, (layer.out_features,))[0]
 
 
+def product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``x @ kernel`` in ``x``'s dtype for ``x`` ``(..., k)`` and ``kernel`` ``(k, n)``; a single row
+  is computed as two, as in :func:`dense`."""
+  lead = x.shape[:-1]
+  kernel = kernel.astype(x.dtype)
+  if math.prod(lead) != 1:
+    return jnp.dot(x, kernel)
+  row = x.reshape(1, x.shape[-1])
+  y = jnp.dot(jnp.concatenate([row, jnp.zeros_like(row)], axis=0), kernel)
+  return y[:1].reshape(*lead, kernel.shape[-1])
+
+
 def dense_split(layer: nnx.Linear, x: jax.Array, sizes: tuple[int, ...]) -> tuple[jax.Array, ...]:
   """``layer(x)`` split along its last axis into parts of ``sizes``, each computed as its own
   matrix product of a slice of the kernel, so that every part is written contiguous: one product

@@ -15,7 +15,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax import lax
 
 from ssmax import _checks
@@ -117,8 +116,9 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, key: jax.Array | 
     return prompt
   if greedy:
     key = jax.random.key(0)  # threaded through the loop, never used
-  graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, prompt, key, jnp.float32(temperature if not greedy else 1.0),
+  # The model goes in as the pytree it is: flattening it costs ~1 ms a call where nnx.split's
+  # graph walk cost ~11 ms (130M) to ~29 ms (1.4B) of host time, serial with the GPU.
+  return _generate(model, prompt, key, jnp.float32(temperature if not greedy else 1.0),
                    prompt_lengths, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
                    top_p=None if top_p is None else float(top_p))
 
@@ -139,11 +139,9 @@ def _check_prompt_lengths(prompt_lengths, shape):
   return jnp.asarray(prompt_lengths, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
-                                             "top_p"))
-def _generate(graphdef, state, prompt, key, temperature, prompt_lengths, *, max_new_tokens,
-              greedy, top_k, top_p):
-  model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy", "top_k", "top_p"))
+def _generate(model, prompt, key, temperature, prompt_lengths, *, max_new_tokens, greedy, top_k,
+              top_p):
   vocab = model.config.vocab_size
 
   def sample(logits, k):

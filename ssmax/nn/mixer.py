@@ -37,7 +37,7 @@ from flax import nnx
 from ssmax import _checks, sharding
 from ssmax.nn import init as inits
 from ssmax.nn.config import MambaConfig
-from ssmax.nn.dense import dense, dense_split
+from ssmax.nn.dense import dense, dense_split, product
 from ssmax.nn.s4 import S4DLayer
 from ssmax.scan import segments, selective_scan, selective_state_update
 from ssmax.scan.inputs import check_segment_ids
@@ -226,14 +226,15 @@ class MambaMixer(nnx.Module):
       u = u + self.conv1d.bias[...].astype(self.dtype)
     u = jax.nn.silu(u)
     if self.ssm == "selective":
-      # Δ's projection is left to the step (the pallas kernel fuses it with the update).
+      # Δ's projection in the compute dtype, as the parallel mode's (_x_proj): a float32
+      # projection inside the step took 3-7% longer per decode step on an H200.
       x_dbl = dense(self.x_proj, u)
       r, n = self.dt_rank, self.d_state
+      dt = product(x_dbl[:, :r], self.dt_proj.kernel[...])
       y, h = selective_state_update(
-          state.ssm, u, x_dbl[:, :r], -jnp.exp(self.A_log[...].astype(jnp.float32)),
+          state.ssm, u, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)),
           x_dbl[:, r:r + n], x_dbl[:, r + n:], D=self.D[...], z=z,
-          delta_bias=self.dt_proj.bias[...], delta_softplus=True,
-          delta_proj=self.dt_proj.kernel[...], backend=self.scan_backend)
+          delta_bias=self.dt_proj.bias[...], delta_softplus=True, backend=self.scan_backend)
     else:
       y, h = self.s4d.step(state.ssm, u.astype(jnp.float32))
       if z is not None:

@@ -502,6 +502,22 @@ def test_dense_pads_a_single_row_without_changing_it(shape):
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (1, 1, 7), (3, 7), (2, 5, 7)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_product_matches_a_float64_product_in_the_input_dtype(shape, dtype):
+  from ssmax.nn.dense import product
+
+  x = jax.random.normal(jax.random.key(seeds.draw()), shape).astype(dtype)
+  kernel = jax.random.normal(jax.random.key(seeds.draw()), (7, 5))  # float32, cast to x's dtype
+  got = jax.jit(product)(x, kernel)
+  assert got.shape == shape[:-1] + (5,) and got.dtype == dtype
+  want = (np.asarray(x.astype(jnp.float32), np.float64)
+          @ np.asarray(kernel.astype(dtype).astype(jnp.float32), np.float64))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32), np.float64), want, rtol=tol,
+                             atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (1, 1, 7), (3, 7), (2, 5, 7)])
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
 def test_dense_split_matches_a_float64_product(shape, use_bias, dtype):
