@@ -26,13 +26,26 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
 
 
 def product(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """``x @ kernel`` in ``x``'s dtype for ``x`` ``(..., k)`` and ``kernel`` ``(k, n)``; a single row
-  is computed as two, as in :func:`dense`."""
+  """``x @ kernel`` in ``x``'s dtype, a single row computed as two as in :func:`dense`.
+
+  Args:
+    x: ``(..., k)`` floating.
+    kernel: ``(k, n)`` floating, cast to ``x``'s dtype.
+
+  Returns:
+    ``(..., n)`` in ``x``'s dtype.
+  """
+  _checks.floating("x", x)
+  _checks.floating("kernel", kernel)
+  _checks.rank("kernel", kernel, 2, "(k, n)")
+  k = _checks.shape_of(kernel)[0]
+  if x.ndim < 1 or x.shape[-1] != k:
+    raise ValueError(f"x must have shape (..., {k}), the rows of kernel; got {x.shape}")
   lead = x.shape[:-1]
   kernel = kernel.astype(x.dtype)
   if math.prod(lead) != 1:
     return jnp.dot(x, kernel)
-  row = x.reshape(1, x.shape[-1])
+  row = x.reshape(1, k)
   y = jnp.dot(jnp.concatenate([row, jnp.zeros_like(row)], axis=0), kernel)
   return y[:1].reshape(*lead, kernel.shape[-1])
 

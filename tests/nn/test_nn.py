@@ -515,6 +515,12 @@ def test_product_matches_a_float64_product_in_the_input_dtype(shape, dtype):
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(np.asarray(got.astype(jnp.float32), np.float64), want, rtol=tol,
                              atol=tol)
+  with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 7\), the rows of kernel"):
+    product(x[..., :5], kernel)
+  with pytest.raises(ValueError, match=r"kernel must have rank 2 \(k, n\)"):
+    product(x, kernel[None])
+  with pytest.raises(ValueError, match="x must have a floating-point dtype"):
+    product(jnp.ones(shape, jnp.int32), kernel)
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (1, 1, 7), (3, 7), (2, 5, 7)])
