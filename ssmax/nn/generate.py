@@ -116,8 +116,9 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, key: jax.Array | 
     return prompt
   if greedy:
     key = jax.random.key(0)  # threaded through the loop, never used
-  # The model goes in as the pytree it is: flattening it costs ~1 ms a call where nnx.split's
-  # graph walk cost ~11 ms (130M) to ~29 ms (1.4B) of host time, serial with the GPU.
+  # The model goes in as the pytree it is: 1.3 / 2.5 ms of host time a call at 130M / 1.4B, where
+  # nnx.split's graph walk took 11 / 25 ms, serial with the GPU (2-core CPU; results/bench_generate/
+  # 2026-12-04_h200_pytree/host_overhead.py).
   return _generate(model, prompt, key, jnp.float32(temperature if not greedy else 1.0),
                    prompt_lengths, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
                    top_p=None if top_p is None else float(top_p))

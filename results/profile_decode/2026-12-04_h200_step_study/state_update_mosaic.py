@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ssmax.pallas.common import LOG2E, MAX_STATE, canonical, dtype_reason, empty_reason
+from ssmax.pallas.common import LOG2E
 
 BLOCK = 128  # channels per CTA: one warpgroup, a channel per thread
 _F32 = jnp.float32
@@ -60,29 +60,6 @@ def rows_per_cta(batch: int, channels: int, num_sms: int = 132) -> int:
     if batch % r == 0 and blocks * (batch // r) >= num_sms:
       return r
   return 1
-
-
-def unsupported_reason(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_proj=None):
-  """Why this kernel cannot take these (already checked, canonical: B, C ``(batch, groups,
-  state)``) inputs, or None."""
-  if jnp.issubdtype(A.dtype, jnp.complexfloating) or jnp.issubdtype(state.dtype,
-                                                                     jnp.complexfloating):
-    return "complex A or state is not supported by the step kernel"
-  reason = empty_reason(state=(state, ("batch", "channels", "state")))
-  if reason is not None:
-    return reason
-  reason = dtype_reason(**canonical(state=state, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
-                                    delta_bias=delta_bias, delta_proj=delta_proj))
-  if reason is not None:
-    return reason
-  if state.shape[1] % BLOCK:
-    return f"channels ({state.shape[1]}) must be a multiple of {BLOCK} for the Mosaic GPU step"
-  if B.shape[1] != 1 or C.shape[1] != 1:
-    return "the Mosaic GPU step kernel takes one B/C group"
-  if A.shape[1] > MAX_STATE:
-    return f"state size {A.shape[1]} exceeds the step kernel's maximum of {MAX_STATE}"
-  return None
 
 
 def _vec(ref):
