@@ -45,9 +45,13 @@ def product(x: jax.Array, kernel: jax.Array) -> jax.Array:
   kernel = kernel.astype(x.dtype)
   if math.prod(lead) != 1:
     return jnp.dot(x, kernel)
-  row = x.reshape(1, k)
-  y = jnp.dot(jnp.concatenate([row, jnp.zeros_like(row)], axis=0), kernel)
-  return y[:1].reshape(*lead, kernel.shape[-1])
+  return jnp.dot(_two_rows(x), kernel)[:1].reshape(*lead, kernel.shape[-1])
+
+
+def _two_rows(x):
+  """A single row ``(..., k)`` as ``(2, k)``, the second zero."""
+  row = x.reshape(1, x.shape[-1])
+  return jnp.concatenate([row, jnp.zeros_like(row)], axis=0)
 
 
 def dense_split(layer: nnx.Linear, x: jax.Array, sizes: tuple[int, ...]) -> tuple[jax.Array, ...]:
@@ -74,8 +78,7 @@ def dense_split(layer: nnx.Linear, x: jax.Array, sizes: tuple[int, ...]) -> tupl
   lead = x.shape[:-1]
   single = math.prod(lead) == 1
   if single:
-    row = x.reshape(1, x.shape[-1])
-    x = jnp.concatenate([row, jnp.zeros_like(row)], axis=0)
+    x = _two_rows(x)
   kernel = layer.kernel[...]
   bias = layer.bias[...] if layer.bias is not None else None
   x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
