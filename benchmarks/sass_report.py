@@ -97,7 +97,8 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int d) {
 CUresult cuGetErrorString(CUresult e, const char** s) { *s = "stand-in driver"; return 0; }
 CUresult cuGetErrorName(CUresult e, const char** s) { *s = "STAND_IN"; return 0; }
 CUresult cuModuleLoadData(void** m, const void* i) { *m = mem; return 0; }
-CUresult cuModuleLoadDataEx(void** m, const void* i, unsigned n, void* o, void** v) { *m = mem; return 0; }
+CUresult cuModuleLoadDataEx(void** m, const void* i, unsigned n, void* o, void** v) {
+  *m = mem; return 0; }
 CUresult cuModuleGetFunction(void** f, void* m, const char* n) { *f = mem; return 0; }
 CUresult cuModuleGetGlobal_v2(unsigned long long* p, size_t* s, void* m, const char* n) {
   *p = 4096; if (s) *s = 8; return 0; }
@@ -202,7 +203,8 @@ def worker(spec: str) -> None:
 
 def compile_variant(v: dict, tools: dict, dump: pathlib.Path) -> None:
   dump.mkdir(parents=True, exist_ok=True)
-  env = dict(os.environ, LD_LIBRARY_PATH=f"{tools['driver']}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+  libs = f"{tools['driver']}:{os.environ.get('LD_LIBRARY_PATH', '')}"
+  env = dict(os.environ, LD_LIBRARY_PATH=libs,
              MOSAIC_GPU_RUNTIME_LIB_PATH=str(tools["runtime"]), MOSAIC_GPU_DUMP_PTX="1",
              MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=str(dump), JAX_PLATFORMS="cpu")
   spec = json.dumps(dict(v, plugin=str(tools["plugin"])))
@@ -223,7 +225,8 @@ def kernel_report(ptx: pathlib.Path, tools: dict) -> dict:
   regs = int(re.search(r"Used (\d+) registers", info).group(1))
   spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", info))
   res = stem.with_suffix(".resources.txt")
-  smem = int(re.search(r"smem_scratch_bytes=(\d+)", res.read_text()).group(1)) if res.exists() else 0
+  smem = (int(re.search(r"smem_scratch_bytes=(\d+)", res.read_text()).group(1))
+          if res.exists() else 0)
   threads = _threads(ptx.read_text())
   cubin = stem.with_suffix(".cubin")
   subprocess.run([str(tools["ptxas"]), "-arch=sm_90a", str(ptx), "-o", str(cubin)], check=True)
