@@ -1,165 +1,42 @@
 """What the Mosaic GPU kernels compile to, on a machine without a GPU: registers, shared memory,
-CTAs per SM, and the instruction mix of each kernel's innermost loop, with the bound it implies.
-
-Lowering a kernel for ``cuda`` needs no GPU. Compiling it does: the CUDA plugin's Mosaic GPU
-compiler (``MosaicGpuCompile``) asks the driver which GPU it targets. Here it asks a stand-in
-driver (a small C library built on the spot) that answers "sm_90, 132 SMs" and accepts the module;
-the compiler's own dumps give the PTX and ptxas's report, and ``ptxas`` + ``nvdisasm`` give the
-SASS. Nothing runs; no timing comes from this. What it gives is what a profiler's source view
-would: which pipe an inner loop leans on.
-
-Per innermost loop (per warp and iteration, one SM sub-partition): *issue* = instructions (one a
-clock); *MUFU* = 8 clocks per MUFU instruction (``ex2``, ``lg2``, ``rcp``: 16 lanes a clock per
-SM on sm_90); *FMA pipe* = FFMA/FMUL/FADD (32 lanes a clock per sub-partition). The largest is the
-loop's static bound; memory and latency are not in it.
+CTAs per SM, and the instruction mix of each kernel's innermost loop, with the bound it implies
+(how, and what the clocks mean: :mod:`benchmarks.sass`). Nothing runs; no timing comes from this.
+What it gives is what a profiler's source view would: which pipe an inner loop leans on.
 
   python -m benchmarks.sass_report --shapes=130m-prefill,130m-train --modes=fwd,fwdbwd
-  python -m benchmarks.sass_report --configs='u4:primal_unroll=4' --modes=fwd
+  python -m benchmarks.sass_report --shapes=130m-prefill --modes=fwd --configs='u4:primal_unroll=4'
 
-The toolchain (the ``jax-cuda13-pjrt`` and ``jax-cuda13-plugin`` wheels of this JAX version and
-``nvidia-cuda-nvdisasm``, ~140 MB) is downloaded with pip into ``--toolchain`` (not installed: JAX
-must not find a CUDA plugin); ``ptxas`` and a C compiler come from the machine (``CUDA_HOME``,
-``PATH``).
+The first run downloads the toolchain (~140 MB) into ``--toolchain``.
 """
 
 from __future__ import annotations
 
-import collections
-import ctypes
 import json
-import math
-import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 
 from absl import app, flags
 
-from benchmarks import harness
+from benchmarks import bench_scan  # noqa: F401  (--shapes, --modes, --configs are bench_scan's)
+from benchmarks import harness, sass
 from benchmarks.scan_inputs import SHAPES as SCAN_SHAPES
 
 SHAPES = dict(SCAN_SHAPES, **{"130m-prefill": (64, 2048, 1536, 16),
                               "1.4b-prefill": (64, 2048, 4096, 16)})
 KERNELS = ("scan",)
 
+# --shapes (here also 130m-prefill and 1.4b-prefill: batch 64), --modes (fwd: the forward that
+# saves nothing, as in a prefill; fwdbwd: training's kernels) and --configs are bench_scan's.
 FLAGS = flags.FLAGS
-flags.DEFINE_list("shapes", ["130m-prefill", "130m-train"], f"From {sorted(SHAPES)}.")
-flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd (inference: nothing saved), fwdbwd (training).")
 flags.DEFINE_list("kernels", ["scan"], f"From {KERNELS}.")
-flags.DEFINE_string("configs", "", "Extra scan Configs, 'name:key=value,...;...' (bench_scan's).")
 flags.DEFINE_string("toolchain", str(pathlib.Path.home() / ".cache" / "ssmax-sass"),
                     "Where the CUDA plugin, nvdisasm and the stand-in driver are kept.")
 flags.DEFINE_string("dump_dir", None, "Keep the PTX, ptxas reports and SASS here (default: a "
                     "temporary folder, deleted).")
 flags.DEFINE_string("worker", None, "Internal: compile one variant (JSON) in this process.")
-harness.define_flags(flags)
-
-# sm_90 (H100 / H200): per SM.
-REGS_PER_SM, SMEM_PER_SM, SMEM_RESERVED, MAX_THREADS, MAX_CTAS = 65536, 233472, 1024, 2048, 32
-MUFU_CLOCKS = 8  # a warp's MUFU instruction: 32 lanes at 4 a clock per sub-partition
-FMA_PIPE = ("FFMA", "FMUL", "FADD")
-
-_DRIVER_C = r"""
-// Stand-in CUDA driver: one sm_90 device with 132 SMs; every call succeeds. For compiling only.
-#include <string.h>
-#include <stddef.h>
-typedef int CUresult;
-static char mem[1 << 16];
-CUresult cuInit(unsigned f) { return 0; }
-CUresult cuDriverGetVersion(int* v) { *v = 13000; return 0; }
-CUresult cuDeviceGetCount(int* c) { *c = 1; return 0; }
-CUresult cuDeviceGet(int* d, int o) { *d = 0; return 0; }
-CUresult cuCtxGetDevice(int* d) { *d = 0; return 0; }
-CUresult cuCtxGetCurrent(void** c) { *c = mem; return 0; }
-CUresult cuCtxSetCurrent(void* c) { return 0; }
-CUresult cuCtxPushCurrent_v2(void* c) { return 0; }
-CUresult cuCtxPopCurrent_v2(void** c) { if (c) *c = mem; return 0; }
-CUresult cuDevicePrimaryCtxRetain(void** c, int d) { *c = mem; return 0; }
-CUresult cuDeviceGetName(char* n, int len, int d) { strncpy(n, "sm_90", len); return 0; }
-CUresult cuDeviceGetAttribute(int* v, int attr, int d) {
-  switch (attr) {
-    case 75: *v = 9; break;        // compute capability major
-    case 76: *v = 0; break;        // minor
-    case 16: *v = 132; break;      // SMs
-    case 97: *v = 232448; break;   // shared memory per block (opt-in)
-    case 81: *v = 233472; break;   // shared memory per SM
-    case 8: *v = 49152; break;     // shared memory per block
-    case 1: *v = 1024; break;      // threads per block
-    case 10: *v = 32; break;       // warp size
-    default: *v = 1;
-  }
-  return 0;
-}
-CUresult cuGetErrorString(CUresult e, const char** s) { *s = "stand-in driver"; return 0; }
-CUresult cuGetErrorName(CUresult e, const char** s) { *s = "STAND_IN"; return 0; }
-CUresult cuModuleLoadData(void** m, const void* i) { *m = mem; return 0; }
-CUresult cuModuleLoadDataEx(void** m, const void* i, unsigned n, void* o, void** v) {
-  *m = mem; return 0; }
-CUresult cuModuleGetFunction(void** f, void* m, const char* n) { *f = mem; return 0; }
-CUresult cuModuleGetGlobal_v2(unsigned long long* p, size_t* s, void* m, const char* n) {
-  *p = 4096; if (s) *s = 8; return 0; }
-CUresult cuModuleUnload(void* m) { return 0; }
-CUresult cuFuncSetAttribute(void* f, int a, int v) { return 0; }
-CUresult cuFuncGetAttribute(int* v, int a, void* f) { *v = 0; return 0; }
-"""
-
-
-# ----------------------------------------------------------------------------------------------
-# The toolchain.
-
-
-def toolchain(root: pathlib.Path) -> dict[str, pathlib.Path]:
-  """Paths of the plugin library, the Mosaic GPU runtime, the stand-in driver's folder, ptxas and
-  nvdisasm, fetched or built into ``root`` when missing."""
-  import jax
-
-  root.mkdir(parents=True, exist_ok=True)
-  plugin = root / "jax_plugins" / "xla_cuda13" / "xla_cuda_plugin.so"
-  runtime = root / "jax_cuda13_plugin" / "libmosaic_gpu_runtime.so"
-  nvdisasm = root / "nvidia" / "cu13" / "bin" / "nvdisasm"
-  wanted = {plugin: f"jax-cuda13-pjrt=={jax.__version__}",
-            runtime: f"jax-cuda13-plugin=={jax.__version__}", nvdisasm: "nvidia-cuda-nvdisasm"}
-  for path, spec in wanted.items():
-    if path.exists():
-      continue
-    wheels = root / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                    "-d", str(wheels), spec], check=True, capture_output=True)
-    name = spec.split("=")[0].replace("-", "_")
-    for wheel in wheels.glob(f"{name}-*.whl"):
-      with zipfile.ZipFile(wheel) as z:
-        z.extractall(root)
-    if not path.exists():
-      raise RuntimeError(f"{spec} did not provide {path}")
-    path.chmod(0o755)
-  driver = root / "driver" / "libcuda.so.1"
-  if not driver.exists():
-    driver.parent.mkdir(exist_ok=True)
-    source = driver.parent / "driver.c"
-    source.write_text(_DRIVER_C)
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-      raise RuntimeError("a C compiler (cc or gcc) is needed to build the stand-in driver")
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(driver), str(source)], check=True)
-  ptxas = _find_ptxas()
-  return dict(plugin=plugin, runtime=runtime, driver=driver.parent, ptxas=ptxas,
-              nvdisasm=nvdisasm)
-
-
-def _find_ptxas() -> pathlib.Path:
-  for d in filter(None, [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]):
-    p = pathlib.Path(d) / "bin" / "ptxas"
-    if p.exists():
-      return p
-  found = shutil.which("ptxas")
-  if found is None:
-    raise RuntimeError("ptxas not found: set CUDA_HOME or put it on PATH")
-  return pathlib.Path(found)
-
 
 # ----------------------------------------------------------------------------------------------
 # One variant, compiled in a worker process (the stand-in driver must be on its library path).
@@ -189,97 +66,18 @@ def lower_variant(v: dict) -> None:
 
 
 def worker(spec: str) -> None:
-  from jax.experimental.mosaic.gpu import core
-
   v = json.loads(spec)
   lower_variant(v)
-  compile_ = ctypes.CDLL(v["plugin"]).MosaicGpuCompile
-  compile_.argtypes = [ctypes.c_char_p, ctypes.c_int]
-  compile_.restype = ctypes.POINTER(ctypes.c_void_p)
-  for asm in core.KNOWN_KERNELS.values():
-    if not compile_(ctypes.c_char_p(asm), ctypes.c_int(len(asm))):
-      raise RuntimeError("MosaicGpuCompile failed")
+  sass.compile_known_kernels(v["plugin"])
 
 
 def compile_variant(v: dict, tools: dict, dump: pathlib.Path) -> None:
   dump.mkdir(parents=True, exist_ok=True)
-  libs = f"{tools['driver']}:{os.environ.get('LD_LIBRARY_PATH', '')}"
-  env = dict(os.environ, LD_LIBRARY_PATH=libs,
-             MOSAIC_GPU_RUNTIME_LIB_PATH=str(tools["runtime"]), MOSAIC_GPU_DUMP_PTX="1",
-             MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=str(dump), JAX_PLATFORMS="cpu")
   spec = json.dumps(dict(v, plugin=str(tools["plugin"])))
   proc = subprocess.run([sys.executable, "-m", "benchmarks.sass_report", f"--worker={spec}"],
-                        env=env, capture_output=True, text=True)
+                        env=sass.compile_env(tools, dump), capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f"compiling {v} failed:\n{proc.stderr[-3000:]}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading what came out.
-
-
-def kernel_report(ptx: pathlib.Path, tools: dict) -> dict:
-  """Registers, spills, shared memory, CTAs per SM and the innermost loops of one kernel."""
-  stem = ptx.with_suffix("")
-  info = stem.with_suffix(".ptxas").read_text() if stem.with_suffix(".ptxas").exists() else ""
-  regs = int(re.search(r"Used (\d+) registers", info).group(1))
-  spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", info))
-  res = stem.with_suffix(".resources.txt")
-  smem = (int(re.search(r"smem_scratch_bytes=(\d+)", res.read_text()).group(1))
-          if res.exists() else 0)
-  threads = _threads(ptx.read_text())
-  cubin = stem.with_suffix(".cubin")
-  subprocess.run([str(tools["ptxas"]), "-arch=sm_90a", str(ptx), "-o", str(cubin)], check=True)
-  sass = subprocess.run([str(tools["nvdisasm"]), "-c", str(cubin)], check=True,
-                        capture_output=True, text=True).stdout
-  stem.with_suffix(".sass").write_text(sass)
-  return dict(kernel=stem.name, registers=regs, spill_bytes=spills, smem_bytes=smem,
-              threads=threads, **occupancy(regs, smem, threads), loops=inner_loops(sass))
-
-
-def _threads(ptx: str) -> int:
-  m = re.search(r"\.(?:reqntid|maxntid)\s+(\d+)(?:\s*,\s*(\d+))?(?:\s*,\s*(\d+))?", ptx)
-  return math.prod(int(x) for x in m.groups() if x) if m else 128
-
-
-def occupancy(regs: int, smem: int, threads: int) -> dict:
-  """CTAs per SM on sm_90 and what limits them."""
-  warps = -(-threads // 32)
-  per_warp = -(-regs * 32 // 256) * 256
-  limits = dict(registers=REGS_PER_SM // (per_warp * warps),
-                smem=SMEM_PER_SM // (smem + SMEM_RESERVED) if smem else MAX_CTAS,
-                threads=MAX_THREADS // threads, ctas=MAX_CTAS)
-  by = min(limits, key=limits.get)
-  return dict(ctas_per_sm=limits[by], limited_by=by, warps_per_sm=limits[by] * warps)
-
-
-_INSTR = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*)")
-_LABEL = re.compile(r"^(\.L_x_\d+):")
-_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
-
-
-def inner_loops(sass: str) -> list[dict]:
-  """Loops (a label and a later branch back to it) that hold no other loop, largest first: each
-  with its opcode counts and static clocks per iteration and warp."""
-  lines = sass.splitlines()
-  labels, spans = {}, []
-  for i, line in enumerate(lines):
-    if m := _LABEL.match(line):
-      labels[m.group(1)] = i
-    elif (m := _BRANCH.search(line)) and m.group(1) in labels:
-      spans.append((labels[m.group(1)], i))
-  inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
-  out = []
-  for start, end in inner:
-    ops = collections.Counter(m.group(1) for line in lines[start:end + 1]
-                              if (m := _INSTR.match(line)))
-    total = sum(ops.values())
-    if total < 16:
-      continue
-    clocks = dict(issue=total, mufu=MUFU_CLOCKS * ops["MUFU"], fma=sum(ops[o] for o in FMA_PIPE))
-    out.append(dict(instructions=total, opcodes=dict(ops.most_common()), clocks=clocks,
-                    bound=max(clocks, key=clocks.get)))
-  return sorted(out, key=lambda x: -x["instructions"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,8 +86,9 @@ def inner_loops(sass: str) -> list[dict]:
 def variants() -> list[dict]:
   out = []
   configs = [("default", {})] + harness.parse_configs(FLAGS.configs)
+  harness.check_choices("kernels", FLAGS.kernels, KERNELS)
+  harness.check_choices("shapes", FLAGS.shapes, SHAPES)
   for kernel in FLAGS.kernels:
-    harness.check_choices("kernels", [kernel], KERNELS)
     for shape in FLAGS.shapes:
       for mode in FLAGS.modes:
         for name, kv in configs:
@@ -314,7 +113,7 @@ def table(rows: list[dict]) -> str:
         o, c = loop["opcodes"], loop["clocks"]
         lines.append((head if i == 0 else "| | | | | | |") +
                      f" {i + 1}: {loop['instructions']} | {o.get('MUFU', 0)} | "
-                     f"{sum(o.get(x, 0) for x in FMA_PIPE)} | {o.get('LDS', 0)} | "
+                     f"{sum(o.get(x, 0) for x in sass.FMA_PIPE)} | {o.get('LDS', 0)} | "
                      f"{c['issue']} / {c['mufu']} / {c['fma']} | {loop['bound']} |")
   return "\n".join(lines)
 
@@ -324,7 +123,7 @@ def main(argv):
   if FLAGS.worker:
     worker(FLAGS.worker)
     return
-  tools = toolchain(pathlib.Path(FLAGS.toolchain).expanduser())
+  tools = sass.toolchain(pathlib.Path(FLAGS.toolchain).expanduser())
   run = harness.Run("sass_report", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
                     tag=FLAGS.tag, current=FLAGS.current, device="sm90-offline",
                     meta=dict(device="sm_90a, compiled offline (no GPU)"))
@@ -334,7 +133,7 @@ def main(argv):
     name = f"{v['kernel']}_{v['shape_name']}_{v['mode']}_{v['config_name']}"
     dump = dumps / name
     compile_variant(v, tools, dump)
-    kernels = [kernel_report(p, tools) for p in sorted(dump.glob("*.ptx"))]
+    kernels = [sass.kernel_report(p, tools) for p in sorted(dump.glob("*.ptx"))]
     rows.append(dict(v, kernels=kernels))
     for k in kernels:
       loop = k["loops"][0] if k["loops"] else {}

@@ -1,7 +1,8 @@
-"""The reading half of ``benchmarks.sass_report`` (occupancy, loops of a SASS listing), which needs
-no toolchain; compiling needs the CUDA plugin wheels and is run by hand."""
+"""The reading half of :mod:`benchmarks.sass` (occupancy, loops of a SASS listing), which needs no
+toolchain; compiling (``python -m benchmarks.sass_report``) downloads the CUDA plugin's wheels and
+is run by hand."""
 
-from benchmarks import sass_report
+from benchmarks import sass
 
 SASS = """\
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -23,7 +24,7 @@ SASS = """\
 
 
 def test_inner_loops_are_the_loops_holding_no_other():
-  loops = sass_report.inner_loops(SASS.replace(
+  loops = sass.inner_loops(SASS.replace(
       "        /*0020*/", "\n".join(f"        /*{i:04x}*/                   FMUL R4, R4, R4 ;"
                                      for i in range(0x100, 0x110)) + "\n        /*0020*/"))
   assert len(loops) == 1  # the outer loop holds the inner one; the forward branch is no loop
@@ -34,18 +35,18 @@ def test_inner_loops_are_the_loops_holding_no_other():
 
 
 def test_loops_below_sixteen_instructions_are_left_out():
-  assert sass_report.inner_loops(SASS) == []
+  assert sass.inner_loops(SASS) == []
 
 
 def test_occupancy_names_the_limit():
   # 158 registers x 128 threads: 5120 a warp, 20480 a CTA -> 3 by registers; 84 KiB -> 2 by smem.
-  assert sass_report.occupancy(158, 86016, 128) == dict(ctas_per_sm=2, limited_by="smem",
+  assert sass.occupancy(158, 86016, 128) == dict(ctas_per_sm=2, limited_by="smem",
                                                         warps_per_sm=8)
-  assert sass_report.occupancy(253, 0, 256)["limited_by"] == "registers"
-  assert sass_report.occupancy(16, 0, 1024) == dict(ctas_per_sm=2, limited_by="threads",
+  assert sass.occupancy(253, 0, 256)["limited_by"] == "registers"
+  assert sass.occupancy(16, 0, 1024) == dict(ctas_per_sm=2, limited_by="threads",
                                                     warps_per_sm=64)
 
 
 def test_threads_from_the_ptx_directive():
-  assert sass_report._threads(".entry k() .reqntid 128, 1, 1 {") == 128
-  assert sass_report._threads(".entry k() .maxntid 256 {") == 256
+  assert sass._threads(".entry k() .reqntid 128, 1, 1 {") == 128
+  assert sass._threads(".entry k() .maxntid 256 {") == 256
