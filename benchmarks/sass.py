@@ -168,12 +168,11 @@ def compile_env(tools: dict, dump: pathlib.Path) -> dict:
 def kernel_report(ptx: pathlib.Path, tools: dict) -> dict:
   """Registers, spills, shared memory, CTAs per SM and the innermost loops of one kernel."""
   stem = ptx.with_suffix("")
-  info = stem.with_suffix(".ptxas").read_text() if stem.with_suffix(".ptxas").exists() else ""
-  regs = int(re.search(r"Used (\d+) registers", info).group(1))
+  info = stem.with_suffix(".ptxas").read_text()  # both written by the compiler's dumps
+  regs = int(_find(r"Used (\d+) registers", info, "ptxas report"))
   spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", info))
-  res = stem.with_suffix(".resources.txt")
-  smem = (int(re.search(r"smem_scratch_bytes=(\d+)", res.read_text()).group(1))
-          if res.exists() else 0)
+  resources = stem.with_suffix(".resources.txt").read_text()
+  smem = int(_find(r"smem_scratch_bytes=(\d+)", resources, "Mosaic GPU resources"))
   threads = _threads(ptx.read_text())
   cubin = stem.with_suffix(".cubin")
   subprocess.run([str(tools["ptxas"]), "-arch=sm_90a", str(ptx), "-o", str(cubin)], check=True)
@@ -184,9 +183,19 @@ def kernel_report(ptx: pathlib.Path, tools: dict) -> dict:
               threads=threads, **occupancy(regs, smem, threads), loops=inner_loops(sass))
 
 
+def _find(pattern: str, text: str, what: str) -> str:
+  m = re.search(pattern, text)
+  if m is None:
+    raise ValueError(f"no {pattern!r} in the {what}")
+  return m.group(1)
+
+
 def _threads(ptx: str) -> int:
+  """Threads per CTA from the PTX entry's ``.reqntid`` / ``.maxntid`` (Mosaic GPU writes one)."""
   m = re.search(r"\.(?:reqntid|maxntid)\s+(\d+)(?:\s*,\s*(\d+))?(?:\s*,\s*(\d+))?", ptx)
-  return math.prod(int(x) for x in m.groups() if x) if m else 128
+  if m is None:
+    raise ValueError("the PTX names no .reqntid or .maxntid: threads per CTA unknown")
+  return math.prod(int(x) for x in m.groups() if x)
 
 
 def occupancy(regs: int, smem: int, threads: int) -> dict:
@@ -207,7 +216,8 @@ _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 
 def inner_loops(listing: str) -> list[dict]:
   """Loops (a label and a later branch back to it) that hold no other loop, largest first: each
-  with its opcode counts and static clocks per iteration and warp."""
+  with its opcode counts and static clocks per iteration and warp. Loops of fewer than 16
+  instructions (waits on a barrier, spin loops) are left out: they bound nothing."""
   lines = listing.splitlines()
   labels, spans = {}, []
   for i, line in enumerate(lines):

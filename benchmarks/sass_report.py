@@ -26,12 +26,9 @@ from benchmarks.scan_inputs import SHAPES as SCAN_SHAPES
 
 SHAPES = dict(SCAN_SHAPES, **{"130m-prefill": (64, 2048, 1536, 16),
                               "1.4b-prefill": (64, 2048, 4096, 16)})
-KERNELS = ("scan",)
-
 # --shapes (here also 130m-prefill and 1.4b-prefill: batch 64), --modes (fwd: the forward that
 # saves nothing, as in a prefill; fwdbwd: training's kernels) and --configs are bench_scan's.
 FLAGS = flags.FLAGS
-flags.DEFINE_list("kernels", ["scan"], f"From {KERNELS}.")
 flags.DEFINE_string("toolchain", str(pathlib.Path.home() / ".cache" / "ssmax-sass"),
                     "Where the CUDA plugin, nvdisasm and the stand-in driver are kept.")
 flags.DEFINE_string("dump_dir", None, "Keep the PTX, ptxas reports and SASS here (default: a "
@@ -43,7 +40,10 @@ flags.DEFINE_string("worker", None, "Internal: compile one variant (JSON) in thi
 
 
 def lower_variant(v: dict) -> None:
-  """Lowers variant ``v`` for cuda; its Mosaic GPU modules land in ``core.KNOWN_KERNELS``."""
+  """Lowers the scan of variant ``v`` for cuda (bench_scan's inputs: bf16 u, Δ, z, B, C; float32
+  A, D, Δ bias; softplus); its Mosaic GPU modules land in ``core.KNOWN_KERNELS``. The kernel is
+  called directly: through ``ssmax.selective_scan`` a CPU process would pick its interpreter,
+  which does not lower for cuda."""
   import jax
   import jax.numpy as jnp
 
@@ -86,15 +86,10 @@ def compile_variant(v: dict, tools: dict, dump: pathlib.Path) -> None:
 def variants() -> list[dict]:
   out = []
   configs = [("default", {})] + harness.parse_configs(FLAGS.configs)
-  harness.check_choices("kernels", FLAGS.kernels, KERNELS)
   harness.check_choices("shapes", FLAGS.shapes, SHAPES)
-  for kernel in FLAGS.kernels:
-    for shape in FLAGS.shapes:
-      for mode in FLAGS.modes:
-        for name, kv in configs:
-          out.append(dict(kernel=kernel, shape=SHAPES[shape], shape_name=shape, mode=mode,
-                          config=kv, config_name=name))
-  return out
+  harness.check_choices("modes", FLAGS.modes, ("fwd", "fwdbwd"))
+  return [dict(shape=SHAPES[shape], shape_name=shape, mode=mode, config=kv, config_name=name)
+          for shape in FLAGS.shapes for mode in FLAGS.modes for name, kv in configs]
 
 
 def table(rows: list[dict]) -> str:
@@ -130,7 +125,7 @@ def main(argv):
   rows = run.record["rows"] = []
   dumps = pathlib.Path(FLAGS.dump_dir or tempfile.mkdtemp(prefix="sass_report_"))
   for v in variants():
-    name = f"{v['kernel']}_{v['shape_name']}_{v['mode']}_{v['config_name']}"
+    name = f"{v['shape_name']}_{v['mode']}_{v['config_name']}"
     dump = dumps / name
     compile_variant(v, tools, dump)
     kernels = [sass.kernel_report(p, tools) for p in sorted(dump.glob("*.ptx"))]
@@ -146,7 +141,7 @@ def main(argv):
     shutil.rmtree(dumps)
   run.finish("Compiled offline for sm_90a (no GPU; a stand-in driver answers the compiler's "
              "questions). Static counts, not timings: see the module docstring of "
-             "benchmarks/sass_report.py.")
+             "benchmarks/sass.py.")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 toolchain; compiling (``python -m benchmarks.sass_report``) downloads the CUDA plugin's wheels and
 is run by hand."""
 
+import pytest
+
 from benchmarks import sass
 
 SASS = """\
@@ -50,3 +52,5 @@ def test_occupancy_names_the_limit():
 def test_threads_from_the_ptx_directive():
   assert sass._threads(".entry k() .reqntid 128, 1, 1 {") == 128
   assert sass._threads(".entry k() .maxntid 256 {") == 256
+  with pytest.raises(ValueError, match="threads per CTA unknown"):
+    sass._threads(".entry k() {")
