@@ -14,6 +14,10 @@
 * ``python -m benchmarks.profile_decode``: where a decode step spends its time.
 * ``python -m benchmarks.profile_step``: where a training step and a prefill spend their time.
 * ``python -m benchmarks.profile_scan``: the kernels of one scan call, per backend.
+* ``python -m benchmarks.sass_report``: the Mosaic GPU kernels compiled for sm_90a without a
+  GPU: registers, shared memory, occupancy, the inner loops' instruction mix.
+* ``python -m benchmarks.hlo_report``: the kernels a decode step launches, from XLA's compile
+  for an H100 / H200 without a GPU (:mod:`benchmarks.xla_offline`).
 
 Results go to ``results/<benchmark>/<date>_<device>/``; ``results/<benchmark>/INDEX.json`` names
 the current run. The kernel's GPU correctness check is ``pytest -m gpu tests/kernels``.

@@ -303,12 +303,13 @@ def parse_configs(spec: str) -> list[tuple[str, dict]]:
     kv = {}
     for pair in filter(None, body.split(",")):
       k, _, v = pair.partition("=")
-      kv[k.strip()] = _parse_value(v.strip())
+      kv[k.strip()] = parse_value(v.strip())
     out.append((name.strip(), kv))
   return out
 
 
-def _parse_value(text: str):
+def parse_value(text: str):
+  """``text`` as an int, float or bool where it reads as one, else itself."""
   for cast in (int, float):
     try:
       return cast(text)

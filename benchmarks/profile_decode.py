@@ -76,18 +76,23 @@ def set_step_backend(model: MambaLM, backend: str) -> None:
 def decode_loop(model: MambaLM, steps: int):
   """A jitted ``(cache, token) -> (cache, token)`` running ``steps`` greedy decode steps."""
   graphdef, state = nnx.split(model)
-  vocab = model.config.vocab_size
+  vocab, d_conv = model.config.vocab_size, model.config.d_conv
 
   @jax.jit
   def run(state, cache, token):
     m = nnx.merge(graphdef, state)
 
-    def body(carry, _):
+    def body(carry, t):
       cache, token = carry
-      logits, cache = m.step(cache, token)
+      # As ssmax.nn.generate: the conv states as rings, updated in place.
+      logits, cache = m.step(cache, token, conv_slot=t % d_conv)
       return (cache, jnp.argmax(logits[:, :vocab], axis=-1).astype(jnp.int32)), None
 
-    return lax.scan(body, (cache, token), None, length=steps)[0]
+    cache, token = lax.scan(body, (cache, token), jnp.arange(steps, dtype=jnp.int32))[0]
+    # Back to the default layout (oldest input first), so that the next call starts from it.
+    shift = -(steps % d_conv)
+    layers = tuple(s._replace(conv=jnp.roll(s.conv, shift, axis=1)) for s in cache.layers)
+    return cache._replace(layers=layers), token
 
   return lambda cache, token: run(state, cache, token)
 

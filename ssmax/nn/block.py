@@ -35,7 +35,8 @@ class Block(nnx.Module):
       return x + h.astype(x.dtype), state
     return x + out.astype(x.dtype)
 
-  def step(self, state: MixerState, x: jax.Array):
-    """``x`` ``(batch, d_model)`` residual stream of one token -> ``(x', state')``."""
-    h, state = self.mixer.step(state, self.norm(x))
+  def step(self, state: MixerState, x: jax.Array, *, conv_slot=None):
+    """``x`` ``(batch, d_model)`` residual stream of one token -> ``(x', state')``; ``conv_slot``
+    as :meth:`MambaMixer.step`'s."""
+    h, state = self.mixer.step(state, self.norm(x), conv_slot=conv_slot)
     return x + h.astype(x.dtype), state

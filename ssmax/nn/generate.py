@@ -158,11 +158,14 @@ def _generate(model, prompt, key, temperature, prompt_lengths, *, max_new_tokens
   logits, cache = model.prefill(prompt, segment_ids=segment_ids)
   first = sample(logits, keys[0])
 
-  def body(carry, k):
-    cache, token = carry
-    logits, cache = model.step(cache, token)
-    token = sample(logits, k)
-    return (cache, token), token
+  d_conv = model.config.d_conv
 
-  _, rest = lax.scan(body, (cache, first), keys[1:])
+  def body(carry, k):
+    cache, token, t = carry
+    # The conv states as rings, updated in place; the cache is dropped after the loop.
+    logits, cache = model.step(cache, token, conv_slot=t % d_conv)
+    token = sample(logits, k)
+    return (cache, token, t + 1), token
+
+  _, rest = lax.scan(body, (cache, first, jnp.int32(0)), keys[1:])
   return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)

@@ -116,12 +116,16 @@ class MambaLM(nnx.Module):
     h, cache = self._hidden(tokens, cache, True, segment_ids)
     return self._head(h[:, -1]), cache
 
-  def step(self, cache: MambaCache, token: jax.Array):
+  def step(self, cache: MambaCache, token: jax.Array, *, conv_slot=None):
     """Reads one token per sequence; O(1) in the number of tokens read before.
 
     Args:
       cache: :class:`MambaCache` for ``batch`` sequences.
       token: ``(batch,)`` integer token ids.
+      conv_slot: None, or the conv states' ring slot (int32 scalar in ``[0, d_conv)``): a decode
+        loop passes ``t % d_conv`` at its ``t``-th step so that every layer updates its conv state
+        in place (:meth:`MambaMixer.step`). The cache returned is then in the default layout only
+        when ``(t + 1) % d_conv == 0``.
 
     Returns:
       ``(logits, cache)`` with logits ``(batch, padded_vocab_size)``.
@@ -131,7 +135,7 @@ class MambaLM(nnx.Module):
     x = self.embedding(token).astype(self.residual_dtype)
     states = []
     for layer, state in zip(self.layers, cache.layers):
-      x, state = layer.step(state, x)
+      x, state = layer.step(state, x, conv_slot=conv_slot)
       states.append(state)
     return self._head(self.norm_f(x)), MambaCache(tuple(states))
 

@@ -198,7 +198,7 @@ class MambaMixer(nnx.Module):
       conv = sharding.last_shard(conv, self.sequence_axis)
     return out, MixerState(conv, last)
 
-  def step(self, state: MixerState, x: jax.Array):
+  def step(self, state: MixerState, x: jax.Array, *, conv_slot: jax.Array | int | None = None):
     """Recurrent mode: one token, O(1) in the sequence length.
 
     The SSM part is one :func:`ssmax.selective_state_update` with the mixer's ``scan_backend``:
@@ -209,6 +209,14 @@ class MambaMixer(nnx.Module):
     Args:
       state: :class:`MixerState` for ``batch`` sequences.
       x: ``(batch, d_model)`` the current token's input.
+      conv_slot: None (default): ``state.conv`` holds the last ``d_conv`` inputs oldest first, and
+        the step shifts them by one. An int32 scalar in ``[0, d_conv)``: ``state.conv`` is a ring
+        whose slot ``conv_slot`` holds the oldest input (the rest follow it cyclically), and this
+        token's input overwrites that slot. A decode loop passes ``t % d_conv`` at its ``t``-th
+        step from a state in the default layout, which the state is in again whenever
+        ``t % d_conv == 0``; results are bit-identical to the default's. Why: a shift reads the
+        buffer it writes, so inside a loop XLA writes it elsewhere and copies it back (one more
+        kernel a layer and step), while the ring's one-slot write is done in place.
 
     Returns:
       ``(y, state)`` with ``y`` ``(batch, d_model)`` in the compute dtype.
@@ -219,8 +227,14 @@ class MambaMixer(nnx.Module):
     state = self._check_state(state, x.shape[0], required=True)
 
     xs, z = self._in_proj(x)
-    conv = jnp.concatenate([state.conv[:, 1:], xs[:, None, :].astype(state.conv.dtype)], axis=1)
-    u = jnp.einsum("bkd,kd->bd", conv.astype(self.dtype), self.conv1d.kernel[...][:, 0, :]
+    new = xs[:, None, :].astype(state.conv.dtype)
+    if conv_slot is None:
+      conv = window = jnp.concatenate([state.conv[:, 1:], new], axis=1)
+    else:
+      conv_slot = self._check_conv_slot(conv_slot)
+      conv = jax.lax.dynamic_update_slice_in_dim(state.conv, new, conv_slot, axis=1)
+      window = jnp.roll(conv, -(conv_slot + 1), axis=1)  # oldest first, as the default layout
+    u = jnp.einsum("bkd,kd->bd", window.astype(self.dtype), self.conv1d.kernel[...][:, 0, :]
                    .astype(self.dtype))
     if self.conv1d.bias is not None:
       u = u + self.conv1d.bias[...].astype(self.dtype)
@@ -242,6 +256,16 @@ class MambaMixer(nnx.Module):
     return dense(self.out_proj, y.astype(self.dtype)), MixerState(conv, h)
 
   # --------------------------------------------------------------------------------------------
+
+  def _check_conv_slot(self, slot) -> jax.Array:
+    dtype = _checks.dtype_of(slot) if not isinstance(slot, int) else None
+    if (isinstance(slot, bool) or jnp.ndim(slot) != 0
+        or (dtype is not None and not jnp.issubdtype(dtype, jnp.integer))):
+      raise ValueError(f"conv_slot must be an integer scalar in [0, d_conv={self.d_conv}); got "
+                       f"{slot!r}")
+    if not isinstance(slot, jax.core.Tracer) and not 0 <= int(slot) < self.d_conv:
+      raise ValueError(f"conv_slot must lie in [0, d_conv={self.d_conv}); got {int(slot)}")
+    return jnp.asarray(slot, jnp.int32)
 
   def _check_state(self, state, batch: int, required: bool = False) -> MixerState:
     if state is None:

@@ -15,3 +15,39 @@ def test_profile_decode_tiny(run_script):
   assert result["lm_checks"][0]["greedy_agree"] == 1.0
   assert (run_dir / "profile_decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "Step against float64 NumPy" in stdout
+
+
+DECODE_LOOP_CHECK = """
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from benchmarks.profile_decode import decode_loop
+from ssmax import nn as snn
+
+model = snn.MambaLM(snn.MambaConfig(d_model=5, n_layer=2, vocab_size=37, d_state=3, d_conv=3),
+                    rngs=nnx.Rngs(0))
+_, cache = model.prefill(jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]]))
+token = jnp.array([9, 10], jnp.int32)
+# Two calls of 2 steps (not a multiple of d_conv = 3) continue as 4 steps of the shifted layout.
+run = decode_loop(model, 2)
+got = run(*run(cache, token))
+want = (cache, token)
+for _ in range(4):
+  logits, c = model.step(*want)
+  want = (c, jnp.argmax(logits[:, :37], axis=-1).astype(jnp.int32))
+# jit against eager rounding (~1e-7); a conv state in the wrong layout would be off by its inputs.
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+print("ok")
+"""
+
+
+def test_decode_loop_leaves_the_cache_in_the_default_layout():
+  # In a subprocess: importing the script defines its flags, which other benchmark tests share.
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, "-c", DECODE_LOOP_CHECK], cwd=root, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == "ok"

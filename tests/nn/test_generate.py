@@ -84,6 +84,52 @@ def test_step_logits_equal_forward_logits(model, overrides):
   np.testing.assert_allclose(rest, full[:, 2:], rtol=2e-4, atol=2e-5)
 
 
+@functools.partial(jax.jit, static_argnames="split")
+def prefill_then_ring_steps(model, tokens, split):
+  """As :func:`prefill_then_steps`, the conv states as rings (``conv_slot = t % d_conv``)."""
+  _, cache = model.prefill(tokens[:, :split])
+
+  def body(cache, xs):
+    t, token = xs
+    logits, cache = model.step(cache, token, conv_slot=t % model.config.d_conv)
+    return cache, (logits, cache)
+
+  n = tokens.shape[1] - split
+  _, (logits, caches) = jax.lax.scan(body, cache, (jnp.arange(n, dtype=jnp.int32),
+                                                   tokens[:, split:].T))
+  return jnp.swapaxes(logits, 0, 1), caches
+
+
+@functools.partial(jax.jit, static_argnames="split")
+def prefill_then_steps_with_caches(model, tokens, split):
+  _, cache = model.prefill(tokens[:, :split])
+
+  def body(cache, token):
+    logits, cache = model.step(cache, token)
+    return cache, (logits, cache)
+
+  _, (logits, caches) = jax.lax.scan(body, cache, tokens[:, split:].T)
+  return jnp.swapaxes(logits, 0, 1), caches
+
+
+def test_ring_conv_steps_are_bit_identical_to_shifted_steps(model):
+  # 11 steps with d_conv = 3: the ring passes every slot several times; the prompt of 2 leaves the
+  # first conv state partly zero.
+  tokens = tokens_for(model, (3, 13), 4)
+  want, want_caches = prefill_then_steps_with_caches(model, tokens, 2)
+  got, got_caches = prefill_then_ring_steps(model, tokens, 2)
+  np.testing.assert_array_equal(got, want)
+  k = model.config.d_conv
+  for layer_want, layer_got in zip(want_caches.layers, got_caches.layers):
+    np.testing.assert_array_equal(layer_got.ssm, layer_want.ssm)
+    for t in range(tokens.shape[1] - 2):
+      # After step t the oldest input sits in slot (t + 1) % d_conv.
+      np.testing.assert_array_equal(jnp.roll(layer_got.conv[t], -((t + 1) % k), axis=1),
+                                    layer_want.conv[t])
+      if (t + 1) % k == 0:
+        np.testing.assert_array_equal(layer_got.conv[t], layer_want.conv[t])
+
+
 def test_forward_continues_from_a_cache(model):
   tokens = tokens_for(model, (2, 11), 4)
   _, cache = jax.jit(lambda m, t: m.prefill(t))(model, tokens[:, :4])
@@ -235,5 +281,11 @@ def test_step_errors_name_the_argument(model):
     model.step(cache, jnp.zeros((3,), jnp.int32))
   with pytest.raises(ValueError, match="cache must hold 2 layer states; got 1"):
     model.step(snn.MambaCache(cache.layers[:1]), jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match=r"conv_slot must lie in \[0, d_conv=3\); got 3"):
+    model.step(cache, jnp.zeros((2,), jnp.int32), conv_slot=3)
+  with pytest.raises(ValueError, match="conv_slot must be an integer scalar"):
+    model.step(cache, jnp.zeros((2,), jnp.int32), conv_slot=jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match="conv_slot must be an integer scalar"):
+    model.step(cache, jnp.zeros((2,), jnp.int32), conv_slot=1.0)
   with pytest.raises(ValueError, match="batch must be a positive integer; got 0"):
     model.init_cache(0)
