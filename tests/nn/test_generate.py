@@ -2,6 +2,7 @@
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,8 @@ from flax import nnx
 
 from ssmax import nn as snn
 from ssmax.nn import cache as cache_lib
+
+gen_lib = importlib.import_module("ssmax.nn.generate")  # the module (ssmax.nn.generate is the function)
 
 TINY = dict(d_model=5, n_layer=2, vocab_size=37, d_state=3, d_conv=3)
 
@@ -128,6 +131,22 @@ def test_ring_conv_steps_are_bit_identical_to_shifted_steps(model):
                                     layer_want.conv[t])
       if (t + 1) % k == 0:
         np.testing.assert_array_equal(layer_got.conv[t], layer_want.conv[t])
+
+
+def test_generate_updates_the_conv_states_in_place(model):
+  # The decode loop of generate, compiled (on the CPU; XLA's copy insertion is the GPU's too): a
+  # shifted conv state would be copied back into the loop's carry once a layer and step.
+  from benchmarks import xla_offline
+
+  prompt = tokens_for(model, (3, 5), 6)
+  hlo = gen_lib._generate.lower(model, prompt, jax.random.key(0), jnp.float32(1.0), None,
+                                max_new_tokens=4, greedy=True, top_k=None, top_p=None)
+  hlo = hlo.compile().as_text()
+  kernels = xla_offline.kernels(hlo, xla_offline.loop_body(hlo, 3))
+  conv = model.init_cache(3).layers[0].conv
+  conv_shape = f"{jnp.dtype(conv.dtype).name.replace('float', 'f')}{list(conv.shape)}".replace(" ", "")
+  assert kernels
+  assert [k for k in kernels if k["kind"] == "copy" and k["shape"] == conv_shape] == []
 
 
 def test_forward_continues_from_a_cache(model):
