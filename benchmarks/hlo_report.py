@@ -9,6 +9,11 @@ exist, and so how many kernels, is decided before tuning.
 
   python -m benchmarks.hlo_report --sizes=130m,1.4b --models=mamba,transformer --batches=64
 
+With a GPU's own description and the tilings a run on it tuned, the products are the GPU's too: on
+the GPU machine, ``python -m benchmarks.hlo_report --write_target=gpu.txtpb`` and any run with
+``XLA_FLAGS=--xla_gpu_per_fusion_autotune_cache_dir=atcache``; then, here,
+``--target=gpu.txtpb --xla_options='xla_gpu_per_fusion_autotune_cache_dir=atcache'``.
+
 The compiled function is what ``bench_generate`` times: ``ssmax.nn.generate`` (Mamba) and
 ``experiments.transformer.generate``, with a short prompt (the decode loop's body does not depend
 on its length). The first run downloads the CUDA plugin (:func:`benchmarks.sass.toolchain`).
@@ -32,7 +37,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["130m", "1.4b"], f"Model sizes: {', '.join(SIZES)}.")
 flags.DEFINE_list("models", ["mamba", "transformer"], "mamba and/or transformer.")
 flags.DEFINE_list("batches", ["64"], "Batch sizes.")
-flags.DEFINE_enum("target", "h200", sorted(xla_offline.TARGETS), "The GPU compiled for.")
+flags.DEFINE_string("target", "h200", "The GPU compiled for: h100, h200, or a GpuTargetConfig text "
+                    "proto file, as --write_target writes it on a GPU machine (with it, "
+                    "--xla_options='xla_gpu_per_fusion_autotune_cache_dir=DIR' reuses the tilings "
+                    "a GPU run cached in DIR).")
+flags.DEFINE_string("write_target", None, "On a GPU machine: write its GpuTargetConfig to this file "
+                    "and exit.")
 flags.DEFINE_string("attention", "cudnn", "The Transformer's attention (bench_generate's flag).")
 flags.DEFINE_integer("new_tokens", 8, "Tokens generated: the decode loop runs new_tokens - 1 times.")
 flags.DEFINE_integer("prompt_len", 16, "Prompt length (the decode step does not depend on it).")
@@ -96,7 +106,7 @@ def tables(rows: list[dict], target: str) -> str:
   kinds = sorted({k for r in rows for k in r["summary"]["by_kind"]},
                  key=lambda k: -sum(r["summary"]["by_kind"].get(k, {}).get("kernels", 0)
                                     for r in rows))
-  bw = xla_offline.TARGETS[target]["memory_bandwidth"] / 1e12
+  bw = xla_offline.bandwidth(target) / 1e12
   lines = [f"Kernels a decode step launches (compiled for {target}, no GPU) and the bytes their "
            f"operands and results hold (an upper bound on the traffic), with that traffic's time "
            f"at {bw:.2f} TB/s.", "",
@@ -119,6 +129,10 @@ def main(argv):
   if FLAGS.worker:
     worker(FLAGS.worker)
     return
+  if FLAGS.write_target:
+    print(xla_offline.write_target_config(FLAGS.write_target))
+    return
+  xla_offline.target_config(FLAGS.target)  # a bad --target fails here, not in a worker
   harness.check_choices("sizes", FLAGS.sizes, SIZES)
   harness.check_choices("models", FLAGS.models, ("mamba", "transformer"))
   batches = [int(b) for b in FLAGS.batches]
@@ -131,10 +145,11 @@ def main(argv):
                  for k, v in (o.split("=", 1) for o in items)}
   tools = sass.toolchain(pathlib.Path(FLAGS.toolchain).expanduser())
   run = harness.Run("hlo_report", results_dir=FLAGS.results_dir, out_dir=FLAGS.out_dir,
-                    tag=FLAGS.tag, current=FLAGS.current, device=f"{FLAGS.target}-offline",
+                    tag=FLAGS.tag, current=FLAGS.current,
+                    device=f"{pathlib.Path(FLAGS.target).stem}-offline",
                     meta=dict(device=f"{FLAGS.target}, compiled offline (no GPU)"))
   rows = run.record["rows"] = []
-  bandwidth = xla_offline.TARGETS[FLAGS.target]["memory_bandwidth"]
+  bandwidth = xla_offline.bandwidth(FLAGS.target)
   for size in FLAGS.sizes:
     for model in FLAGS.models:
       for batch in batches:

@@ -37,9 +37,14 @@ TARGETS = {
 
 
 def target_config(name: str) -> str:
-  """The ``GpuTargetConfig`` text proto of target ``name`` (a key of :data:`TARGETS`)."""
+  """The ``GpuTargetConfig`` text proto of target ``name``: a key of :data:`TARGETS`, or the path of
+  a file holding one (as :func:`write_target_config` writes it on a GPU machine)."""
   if name not in TARGETS:
-    raise ValueError(f"target must be one of {sorted(TARGETS)}; got {name!r}")
+    path = pathlib.Path(name)
+    if not path.is_file():
+      raise ValueError(f"target must be one of {sorted(TARGETS)} or a GpuTargetConfig text proto "
+                       f"file; got {name!r}")
+    return path.read_text()
   t = dict(TARGETS[name])
   description = t.pop("description")
   fields = "".join(f"  {k}: {v}\n" for k, v in t.items())
@@ -47,6 +52,26 @@ def target_config(name: str) -> str:
           f'platform_name: "CUDA"\ndnn_version_info {{\n  major: 9\n  minor: 10\n}}\n'
           f"runtime_version {{\n  major: 13\n  minor: 0\n}}\n"
           f'device_description_str: "{description}"\n')
+
+
+def write_target_config(path: str) -> str:
+  """Writes this machine's GPU as a ``GpuTargetConfig`` text proto (needs the GPU); returns it.
+  XLA's autotuning cache (``xla_gpu_per_fusion_autotune_cache_dir``) is keyed by this description,
+  so a compile for it can reuse the tilings a GPU run chose."""
+  import jax
+  from jaxlib import xla_client
+
+  text = xla_client.get_topology_for_devices(jax.devices()[:1]).target_config
+  pathlib.Path(path).write_text(text)
+  return text
+
+
+def bandwidth(target: str) -> float:
+  """Memory bandwidth in bytes/s of target ``name`` (see :func:`target_config`)."""
+  m = re.search(r"memory_bandwidth: (\d+)", target_config(target))
+  if m is None:
+    raise ValueError(f"no memory_bandwidth in the target {target!r}")
+  return float(m.group(1))
 
 
 def compile_env(tools: dict) -> dict:

@@ -103,3 +103,16 @@ def test_target_config_and_env():
   assert env["PYTHONPATH"].split(":")[0] == "/cache"
   assert env["LD_LIBRARY_PATH"].split(":")[0] == "/cache/driver"
   assert env["PATH"].split(":")[0] == "/cuda/bin"
+
+
+def test_a_target_can_be_a_file(tmp_path):
+  path = tmp_path / "gpu.txtpb"
+  path.write_text(xla_offline.target_config("h100").replace("3352320000000", "1000"))
+  assert xla_offline.target_config(str(path)) == path.read_text()
+  assert xla_offline.bandwidth(str(path)) == 1000.0
+  assert xla_offline.bandwidth("h200") == 4.8e12
+  with pytest.raises(ValueError, match="or a GpuTargetConfig text proto file; got 'nope.txtpb'"):
+    xla_offline.target_config("nope.txtpb")
+  (tmp_path / "empty.txtpb").write_text("gpu_device_info {\n}\n")
+  with pytest.raises(ValueError, match="no memory_bandwidth"):
+    xla_offline.bandwidth(str(tmp_path / "empty.txtpb"))
