@@ -48,7 +48,8 @@ class MixerState(NamedTuple):
 
   Attributes:
     conv: ``(batch, d_conv, d_inner)`` the last ``d_conv`` inputs of the convolution, oldest first
-      (zeros before the sequence starts), in the compute dtype.
+      (zeros before the sequence starts), in the compute dtype; inside a decode loop, a ring
+      (:meth:`MambaMixer.step`'s ``conv_slot``).
     ssm: ``(batch, d_inner, d_state)`` SSM state after the last token, float32; with ``ssm="s4d"``
       the :class:`S4DLayer`'s state ``(batch, d_inner, modes)`` (complex64 for a complex init).
   """
@@ -212,9 +213,10 @@ class MambaMixer(nnx.Module):
       conv_slot: None (default): ``state.conv`` holds the last ``d_conv`` inputs oldest first, and
         the step shifts them by one. An int32 scalar in ``[0, d_conv)``: ``state.conv`` is a ring
         whose slot ``conv_slot`` holds the oldest input (the rest follow it cyclically), and this
-        token's input overwrites that slot. A decode loop passes ``t % d_conv`` at its ``t``-th
-        step from a state in the default layout, which the state is in again whenever
-        ``t % d_conv == 0``; results are bit-identical to the default's. Why: a shift reads the
+        token's input overwrites that slot. A decode loop that starts from a state in the default
+        layout passes ``t % d_conv`` at its step ``t`` (from 0); before every step with
+        ``t % d_conv == 0`` the state is in the default layout again. Results are bit-identical
+        to the default's. Why: a shift reads the
         buffer it writes, so inside a loop XLA writes it elsewhere and copies it back (one more
         kernel a layer and step), while the ring's one-slot write is done in place.
 
