@@ -114,8 +114,8 @@ _ARRAY = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f8e4m3fn|f8e5m
                     r"f64|c64|c128)\[([\d,]*)\]")
 _BITS = dict(pred=8, s4=4, u4=4, s8=8, u8=8, s16=16, u16=16, s32=32, u32=32, s64=64, u64=64,
              f8e4m3fn=8, f8e5m2=8, bf16=16, f16=16, f32=32, f64=64, c64=64, c128=128)
-# Instructions that launch nothing (aliases, tuples, loop plumbing).
-# An asynchronous op's "-start" launches it; its "-done" waits.
+# Instructions that launch nothing: aliases, tuples, loop plumbing, and the "-done" half of an
+# asynchronous op (its "-start" is the launch).
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while",
          "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier",
          "fusion-done", "copy-done", "async-done"}
