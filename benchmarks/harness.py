@@ -193,6 +193,16 @@ def device_slug_of_child() -> str:
   return proc.stdout.split()[-1]
 
 
+def run_worker(module: str, spec: dict, env: dict | None = None) -> None:
+  """Runs ``python -m <module> --worker=<spec as JSON>`` (a script's own worker mode, for work
+  that needs a process of its own environment) and raises with the end of its stderr if it
+  fails."""
+  proc = subprocess.run([sys.executable, "-m", module, f"--worker={json.dumps(spec)}"], env=env,
+                        capture_output=True, text=True)
+  if proc.returncode:
+    raise RuntimeError(f"{module} --worker failed for {spec}:\n{proc.stderr[-3000:]}")
+
+
 def run_name(date: datetime.date | None = None, device: str | None = None,
              tag: str | None = None) -> str:
   name = f"{(date or datetime.date.today()).isoformat()}_{device or device_slug()}"

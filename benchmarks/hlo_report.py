@@ -24,8 +24,6 @@ from __future__ import annotations
 import importlib
 import json
 import pathlib
-import subprocess
-import sys
 import tempfile
 
 from absl import app, flags
@@ -94,11 +92,8 @@ def worker(spec: str) -> None:
 def compile_variant(v: dict, tools: dict) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out = pathlib.Path(tmp) / "kernels.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.hlo_report",
-                           f"--worker={json.dumps(dict(v, out=str(out)))}"],
-                          env=xla_offline.compile_env(tools), capture_output=True, text=True)
-    if proc.returncode:
-      raise RuntimeError(f"compiling {v} failed:\n{proc.stderr[-3000:]}")
+    harness.run_worker("benchmarks.hlo_report", dict(v, out=str(out)),
+                       xla_offline.compile_env(tools))
     return json.loads(out.read_text())
 
 

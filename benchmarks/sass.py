@@ -152,13 +152,18 @@ def compile_known_kernels(plugin: str) -> int:
   return len(core.KNOWN_KERNELS)
 
 
+def driver_env(tools: dict) -> dict:
+  """This process's environment with JAX on the CPU and the stand-in driver first on the library
+  path: the base of every compiling process."""
+  libs = os.pathsep.join(filter(None, [str(tools["driver"]), os.environ.get("LD_LIBRARY_PATH")]))
+  return dict(os.environ, LD_LIBRARY_PATH=libs, JAX_PLATFORMS="cpu")
+
+
 def compile_env(tools: dict, dump: pathlib.Path) -> dict:
-  """The environment of a compiling process: the stand-in driver first on the library path, the
-  Mosaic GPU runtime, the PTX and ptxas dumps into ``dump``, JAX on the CPU."""
-  libs = f"{tools['driver']}:{os.environ.get('LD_LIBRARY_PATH', '')}"
-  return dict(os.environ, LD_LIBRARY_PATH=libs, MOSAIC_GPU_RUNTIME_LIB_PATH=str(tools["runtime"]),
-              MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=str(dump),
-              JAX_PLATFORMS="cpu")
+  """The environment of a Mosaic GPU compiling process: :func:`driver_env`, the Mosaic GPU runtime,
+  and the PTX and ptxas dumps into ``dump``."""
+  return dict(driver_env(tools), MOSAIC_GPU_RUNTIME_LIB_PATH=str(tools["runtime"]),
+              MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=str(dump))
 
 
 # ----------------------------------------------------------------------------------------------

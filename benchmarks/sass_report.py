@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 
 from absl import app, flags
@@ -73,11 +71,8 @@ def worker(spec: str) -> None:
 
 def compile_variant(v: dict, tools: dict, dump: pathlib.Path) -> None:
   dump.mkdir(parents=True, exist_ok=True)
-  spec = json.dumps(dict(v, plugin=str(tools["plugin"])))
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.sass_report", f"--worker={spec}"],
-                        env=sass.compile_env(tools, dump), capture_output=True, text=True)
-  if proc.returncode:
-    raise RuntimeError(f"compiling {v} failed:\n{proc.stderr[-3000:]}")
+  harness.run_worker("benchmarks.sass_report", dict(v, plugin=str(tools["plugin"])),
+                     sass.compile_env(tools, dump))
 
 
 # ----------------------------------------------------------------------------------------------

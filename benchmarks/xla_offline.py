@@ -75,13 +75,14 @@ def bandwidth(target: str) -> float:
 
 
 def compile_env(tools: dict) -> dict:
-  """The environment of a compiling process: JAX on the CPU, the unpacked CUDA plugin importable
-  (``jax_plugins.xla_cuda13``), the stand-in driver first on the library path, ptxas on PATH."""
+  """The environment of an XLA compiling process: :func:`benchmarks.sass.driver_env` (JAX on the
+  CPU, the stand-in driver), the unpacked CUDA plugin importable (``jax_plugins.xla_cuda13``) and
+  ptxas on PATH."""
+  from benchmarks import sass
+
   root = tools["plugin"].parent.parent.parent  # <root>/jax_plugins/xla_cuda13/xla_cuda_plugin.so
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = sass.driver_env(tools)
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-  env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(tools["driver"]),
-                                                         env.get("LD_LIBRARY_PATH")]))
   env["PATH"] = os.pathsep.join([str(pathlib.Path(tools["ptxas"]).parent), env.get("PATH", "")])
   return env
 

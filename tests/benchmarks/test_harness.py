@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import os
 
 import pytest
 
@@ -159,3 +160,18 @@ def test_bench_scan_paired_needs_packed():
                         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
   assert proc.returncode != 0 and "--paired needs --packed" in proc.stderr
+
+
+def test_run_worker_passes_the_spec_and_raises_with_stderr(tmp_path):
+  (tmp_path / "echo_worker.py").write_text(
+      "import json, pathlib, sys\n"
+      "spec = json.loads(sys.argv[1].removeprefix('--worker='))\n"
+      "if spec.get('fail'):\n"
+      "  sys.exit('it failed: ' + spec['fail'])\n"
+      "pathlib.Path(spec['out']).write_text(str(spec['n'] * 2))\n")
+  env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+  out = tmp_path / "out.txt"
+  harness.run_worker("echo_worker", dict(n=21, out=str(out)), env)
+  assert out.read_text() == "42"
+  with pytest.raises(RuntimeError, match=r"echo_worker --worker failed for .*\n.*it failed: badly"):
+    harness.run_worker("echo_worker", dict(fail="badly"), env)
