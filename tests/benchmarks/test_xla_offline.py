@@ -77,6 +77,15 @@ def test_kernels_of_a_loop_body_in_order_with_kinds_and_bytes():
   assert by_name["input_add_reduce_fusion.9"]["shape"] == "(f32[2,6], f32[2,6,3])"
 
 
+def test_custom_calls_are_products_or_named():
+  assert xla_offline.kernel_kind("custom-call", 'x), custom_call_target="__cublas$gemm", a=1') == (
+      "product")
+  assert xla_offline.kernel_kind("custom-call", 'x), custom_call_target="mosaic_gpu_v2"') == (
+      "custom call: mosaic_gpu_v2")
+  assert xla_offline.kernel_kind("fusion", "x), kind=kLoop, calls=%f") == "elementwise"
+  assert xla_offline.kernel_kind("fusion", "x), kind=kInput, calls=%f") == "reduction"
+
+
 def test_summary_counts_kinds_and_families():
   ks = xla_offline.kernels(HLO, "%region_body.7")
   s = xla_offline.summary(ks, bandwidth=1e9)

@@ -143,10 +143,9 @@ def test_generate_updates_the_conv_states_in_place(model):
                                 max_new_tokens=4, greedy=True, top_k=None, top_p=None)
   hlo = hlo.compile().as_text()
   kernels = xla_offline.kernels(hlo, xla_offline.loop_body(hlo, 3))
-  conv = model.init_cache(3).layers[0].conv
-  conv_shape = f"{jnp.dtype(conv.dtype).name.replace('float', 'f')}{list(conv.shape)}".replace(" ", "")
+  dims = "[" + ",".join(map(str, model.init_cache(3).layers[0].conv.shape)) + "]"
   assert kernels
-  assert [k for k in kernels if k["kind"] == "copy" and k["shape"] == conv_shape] == []
+  assert [k for k in kernels if k["kind"] == "copy" and k["shape"].endswith(dims)] == []
 
 
 def test_forward_continues_from_a_cache(model):
